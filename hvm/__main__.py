@@ -1,0 +1,3 @@
+from hvm.cli import entry
+
+entry()

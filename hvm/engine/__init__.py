@@ -1,0 +1,32 @@
+"""Engines run guest instructions and report exits; see hvm.engine.base for the interface."""
+
+from __future__ import annotations
+
+from hvm.engine.base import Engine
+from hvm.errors import EngineUnavailable
+from hvm.vmm.memory import GuestMemory
+
+ENGINES = ("kvm",)
+
+
+def resolve_engine_name(name: str) -> str:
+    """'auto' becomes the best engine this host can run."""
+    from hvm.engine.kvm import kvm_usable
+
+    if name == "auto":
+        if kvm_usable():
+            return "kvm"
+        raise EngineUnavailable("no usable engine: /dev/kvm is missing or not accessible")
+    if name not in ENGINES:
+        raise EngineUnavailable(f"unknown engine {name!r} (choose from: auto, {', '.join(ENGINES)})")
+    return name
+
+
+def create_engine(name: str, memory: GuestMemory) -> Engine:
+    name = resolve_engine_name(name)
+    from hvm.engine.kvm import KvmEngine
+
+    return KvmEngine(memory)
+
+
+__all__ = ["ENGINES", "Engine", "create_engine", "resolve_engine_name"]

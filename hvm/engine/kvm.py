@@ -1,0 +1,230 @@
+"""The KVM engine: guest code runs on the host CPU through /dev/kvm.
+
+The in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT are created as QEMU does by
+default, so HLT, timer and interrupt exits stay in the kernel; the exits that
+reach userspace are turned into :class:`hvm.exits.Exit` records here. The
+kernel's own exit counters come from the vCPU's binary statistics fd.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+from hvm.cpu import CpuState, DescriptorTable, Segment
+from hvm.engine.base import Engine
+from hvm.errors import EngineUnavailable
+from hvm.exits import Exit, ExitKind
+from hvm.kvm import api as K
+from hvm.kvm import structs as S
+from hvm.kvm.stats import StatsReader
+from hvm.vmm.memory import GuestMemory
+
+# KVM places the TSS for real-mode emulation here on VMX hosts (as QEMU does: below 4 GiB, above RAM).
+TSS_ADDR = 0xFFFB_D000
+
+# kvm_run offsets (checked against <linux/kvm.h> by the layout test through the ctypes mirror)
+_OFF_EXIT_REASON = S.kvm_run.exit_reason.offset
+_OFF_UNION = S.kvm_run.u.offset
+_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
+_MSR = struct.Struct("<B7xIIQ")  # error, reason, index, data
+_U32 = struct.Struct("<I")
+
+_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+_SEG_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
+
+
+def open_system(path: str = "/dev/kvm") -> K.System:
+    """/dev/kvm, or EngineUnavailable with what to do about it."""
+    try:
+        return K.System(path)
+    except FileNotFoundError:
+        raise EngineUnavailable(
+            f"{path} does not exist: load the kvm module (modprobe kvm_intel or kvm_amd) "
+            "or use --engine model"
+        ) from None
+    except PermissionError:
+        raise EngineUnavailable(
+            f"no permission to open {path}: add your user to the 'kvm' group or run as root"
+        ) from None
+    except OSError as exc:
+        raise EngineUnavailable(f"cannot use {path}: {exc.strerror or exc}") from None
+
+
+def kvm_usable(path: str = "/dev/kvm") -> bool:
+    try:
+        open_system(path).close()
+    except EngineUnavailable:
+        return False
+    return True
+
+
+class KvmEngine(Engine):
+    name = "kvm"
+
+    def __init__(self, memory: GuestMemory, path: str = "/dev/kvm") -> None:
+        self.memory = memory
+        self.system = open_system(path)
+        try:
+            self.vm = self.system.create_vm()
+            try:
+                self.vm.set_tss_addr(TSS_ADDR)
+            except K.KvmError as exc:  # not needed (and refused) on some hosts, e.g. PVM
+                if exc.errno not in (errno.EINVAL, errno.ENOTTY, errno.EOPNOTSUPP):
+                    raise
+            self.vm.create_irqchip()
+            self.vm.create_pit2()
+            for region in memory.regions:
+                self.vm.set_user_memory_region(
+                    K.MemorySlot(region.slot, region.gpa, region.size, region.host_addr, region.flags)
+                )
+            self.vcpu = self.vm.create_vcpu(0)
+            self.vcpu.set_cpuid2(self.system.supported_cpuid())
+        except K.KvmError as exc:
+            self.close()
+            raise EngineUnavailable(f"KVM refused to set up the VM: {exc}") from None
+        self.mm = self.vcpu.mmap
+        self._read_offset = 0
+        self._read_len = 0
+        self.stats = StatsReader(self.vcpu.stats_fd()) if self._has(K.CAPABILITIES["KVM_CAP_BINARY_STATS_FD"]) else None
+        self.vm_stats = StatsReader(self.vm.stats_fd()) if self.stats else None
+
+    def _has(self, cap: int) -> bool:
+        return self.system.check_extension(cap) > 0
+
+    # --- state ------------------------------------------------------------------------
+    def set_state(self, state: CpuState) -> None:
+        regs = S.kvm_regs()
+        for name, value in state.regs.items():
+            setattr(regs, name, value)
+        regs.rip = state.rip
+        regs.rflags = state.rflags
+        self.vcpu.set_regs(regs)
+        sregs = self.vcpu.get_sregs()
+        for name in _SEGMENTS:
+            seg: Segment = getattr(state, name)
+            kseg = getattr(sregs, name)
+            for f in _SEG_FIELDS:
+                setattr(kseg, f, getattr(seg, f))
+        sregs.gdt.base, sregs.gdt.limit = state.gdt.base, state.gdt.limit
+        sregs.idt.base, sregs.idt.limit = state.idt.base, state.idt.limit
+        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = state.cr0, state.cr3, state.cr4, state.efer
+        self.vcpu.set_sregs(sregs)
+
+    def get_state(self) -> CpuState:
+        regs = self.vcpu.get_regs()
+        sregs = self.vcpu.get_sregs()
+        state = CpuState()
+        state.regs = {name: getattr(regs, name) for name in state.regs}
+        state.rip, state.rflags = regs.rip, regs.rflags
+        for name in _SEGMENTS:
+            kseg = getattr(sregs, name)
+            setattr(state, name, Segment(**{f: getattr(kseg, f) for f in _SEG_FIELDS}))
+        state.gdt = DescriptorTable(sregs.gdt.base, sregs.gdt.limit)
+        state.idt = DescriptorTable(sregs.idt.base, sregs.idt.limit)
+        state.cr0, state.cr3, state.cr4, state.efer = sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer
+        return state
+
+    # --- running ----------------------------------------------------------------------
+    def run(self) -> Exit:
+        reason = self.vcpu.run()
+        mm = self.mm
+        if reason == K.KVM_EXIT_IO:
+            direction, size, port, count, data_offset = _IO.unpack_from(mm, _OFF_UNION)
+            length = size * count
+            if direction == K.KVM_EXIT_IO_OUT:
+                return Exit(ExitKind.IO, port=port, size=size, count=count, is_write=True,
+                            data=mm[data_offset : data_offset + length])
+            self._read_offset, self._read_len = data_offset, length
+            return Exit(ExitKind.IO, port=port, size=size, count=count)
+        if reason == K.KVM_EXIT_MMIO:
+            addr, data, length, is_write = _MMIO.unpack_from(mm, _OFF_UNION)
+            if is_write:
+                return Exit(ExitKind.MMIO, addr=addr, size=length, is_write=True, data=data[:length])
+            self._read_offset, self._read_len = _OFF_UNION + 8, length
+            return Exit(ExitKind.MMIO, addr=addr, size=length)
+        return self._slow_exit(reason)
+
+    def _slow_exit(self, reason: int) -> Exit:
+        run = self.vcpu.run_struct
+        if reason == K.KVM_EXIT_INTR:
+            return Exit(ExitKind.INTR)
+        if reason == K.KVM_EXIT_HLT:
+            return Exit(ExitKind.HLT)
+        if reason == K.KVM_EXIT_SHUTDOWN:
+            return Exit(ExitKind.SHUTDOWN, detail="triple fault")
+        if reason in (K.KVM_EXIT_X86_RDMSR, K.KVM_EXIT_X86_WRMSR):
+            _, why, index, data = _MSR.unpack_from(self.mm, _OFF_UNION)
+            if reason == K.KVM_EXIT_X86_WRMSR:
+                return Exit(ExitKind.WRMSR, addr=index, size=8, is_write=True,
+                            data=data.to_bytes(8, "little"), qualification=why)
+            self._read_offset, self._read_len = _OFF_UNION + 16, 8
+            return Exit(ExitKind.RDMSR, addr=index, size=8, qualification=why)
+        if reason == K.KVM_EXIT_FAIL_ENTRY:
+            code = run.fail_entry.hardware_entry_failure_reason
+            return Exit(ExitKind.FAIL_ENTRY, qualification=code,
+                        detail=f"VM entry failed, hardware reason {code:#x}")
+        if reason == K.KVM_EXIT_INTERNAL_ERROR:
+            sub = run.internal.suberror
+            names = {
+                K.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
+                K.KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions",
+                K.KVM_INTERNAL_ERROR_DELIVERY_EV: "exit during event delivery",
+                K.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
+            }
+            return Exit(ExitKind.INTERNAL_ERROR, qualification=sub,
+                        detail=f"KVM internal error: {names.get(sub, f'suberror {sub}')}")
+        if reason == K.KVM_EXIT_SYSTEM_EVENT:
+            kind = run.system_event.type
+            names = {K.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown", K.KVM_SYSTEM_EVENT_RESET: "reset",
+                     K.KVM_SYSTEM_EVENT_CRASH: "crash"}
+            return Exit(ExitKind.SYSTEM_EVENT, qualification=kind,
+                        detail=f"system event: {names.get(kind, kind)}")
+        if reason == K.KVM_EXIT_DEBUG:
+            return Exit(ExitKind.DEBUG, addr=run.debug.arch.pc)
+        if reason == K.KVM_EXIT_EXCEPTION:
+            return Exit(ExitKind.EXCEPTION, qualification=run.ex.exception)
+        if reason == K.KVM_EXIT_IRQ_WINDOW_OPEN:
+            return Exit(ExitKind.INTERRUPT_WINDOW)
+        if reason == K.KVM_EXIT_HYPERCALL:
+            return Exit(ExitKind.VMCALL, qualification=run.hypercall.nr)
+        return Exit(ExitKind.INTERNAL_ERROR, qualification=reason,
+                    detail=f"unexpected KVM exit reason {reason}")
+
+    def complete_read(self, data: bytes) -> None:
+        if len(data) != self._read_len:
+            raise ValueError(f"read completion of {len(data)} bytes, exit wants {self._read_len}")
+        off = self._read_offset
+        self.mm[off : off + len(data)] = data
+
+    def set_irq(self, line: int, level: bool) -> None:
+        self.vm.irq_line(line, int(level))
+
+    def kick(self) -> None:
+        self.mm[1] = 1  # kvm_run.immediate_exit: the next KVM_RUN returns -EINTR at once
+
+    def clear_kick(self) -> None:
+        self.mm[1] = 0
+
+    def capabilities(self) -> dict[str, bool]:
+        return {name: value > 0 for name, value in self.system.capabilities().items()}
+
+    def counters(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if self.stats:
+            out.update(self.stats.read())
+        if self.vm_stats:
+            out.update(self.vm_stats.read())
+        return out
+
+    def close(self) -> None:
+        for reader in (getattr(self, "stats", None), getattr(self, "vm_stats", None)):
+            if reader:
+                reader.close()
+        if getattr(self, "vm", None) is not None:
+            self.vm.close()
+        self.system.close()
+
+
