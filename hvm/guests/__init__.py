@@ -1,0 +1,241 @@
+"""The bundled guest programs and the step that builds them into images.
+
+The guests are GNU ``as`` sources under ``src/``; no binary image is committed.
+:func:`image_path` builds a guest on demand into ``build/`` (or into
+``$HVM_GUESTS_BUILD_DIR``) with ``as --32`` and ``ld -m elf_i386`` and returns
+the image's path; it rebuilds when the image is older than any of its sources.
+
+Three image formats (:data:`GUEST_FORMAT`):
+
+``multiboot``
+    A multiboot v1 ELF32 i386 image linked at 1 MiB (``hello``, ``outloop``,
+    ``spin``, ``triple``, ``forever``).  ``qemu-system-x86_64 -kernel IMAGE``
+    boots it; a VMM loads its PT_LOAD segments and enters ``e_entry`` in 32-bit
+    protected mode with EAX = 0x2BADB002 and EBX = the multiboot info address.
+    The command line may carry ``n=NUMBER``.
+``flat16``
+    A 512-byte real-mode boot sector (``realmode``): load at 0x7C00 and start
+    at CS:IP = 0000:7C00.
+``flat64``
+    A flat 64-bit binary (``longmode``): load at 0x100000 and start at its
+    first byte in long mode, paging identity-mapping the first 4 GiB.
+
+Every guest reports on COM1 and leaves through QEMU's isa-debug-exit device
+(:data:`EXIT_PORT`) with value 0, i.e. QEMU exit status ``(0 << 1) | 1 == 1``;
+``triple`` triple-faults instead and ``forever`` never stops.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "COM1_PORT",
+    "DEFAULT_N",
+    "EXIT_PORT",
+    "GUESTS",
+    "GUEST_FORMAT",
+    "FLAT16_LOAD_ADDRESS",
+    "FLAT64_LOAD_ADDRESS",
+    "GuestBuildError",
+    "MULTIBOOT_BOOTLOADER_MAGIC",
+    "MULTIBOOT_HEADER_FLAGS",
+    "MULTIBOOT_HEADER_MAGIC",
+    "MULTIBOOT_LOAD_ADDRESS",
+    "OUTLOOP_PORT",
+    "POST_PORT",
+    "build_all",
+    "build_dir",
+    "guest_sources",
+    "image_path",
+    "qemu_exit_status",
+]
+
+# I/O ports used by the guests (the assembly defines the same values in
+# src/lib.inc; tests/test_guests_build.py checks that they agree).
+COM1_PORT = 0x3F8
+"""16550 UART the guests print on (THR at +0, LSR at +5, scratch at +7)."""
+EXIT_PORT = 0xF4
+"""QEMU isa-debug-exit (``iobase=0xf4,iosize=4``); the guests write a 32-bit value."""
+POST_PORT = 0x80
+"""POST code port; ``hello`` writes one byte (0x42) to it."""
+OUTLOOP_PORT = 0x500
+"""``outloop`` writes N bytes here; no device lives there, so each is a userspace exit."""
+
+# Multiboot v1 (spec section 3.1.1 for the header, 3.2 for the machine state).
+MULTIBOOT_HEADER_MAGIC = 0x1BADB002
+MULTIBOOT_HEADER_FLAGS = 0x00000002  # bit 1: please provide mem_lower/mem_upper
+MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002  # EAX at entry
+
+MULTIBOOT_LOAD_ADDRESS = 0x100000
+FLAT16_LOAD_ADDRESS = 0x7C00
+FLAT64_LOAD_ADDRESS = 0x100000
+
+GUESTS: dict[str, str] = {
+    "hello": (
+        "demo: UART init, greeting, CPUID vendor/signature, UART scratch register, "
+        "POST code, multiboot mem_upper and command line, then 'bye'"
+    ),
+    "outloop": f"N (n=N, default 1000) byte writes to port {OUTLOOP_PORT:#x}, then 'outloop done N'",
+    "spin": "N (n=N, default 1000000) iterations of a 5-instruction register-only loop, then 'spin done'",
+    "triple": "prints 'triple fault next', loads an empty IDT and divides by zero: triple fault",
+    "forever": "prints 'looping', then jmp . forever",
+    "realmode": "512-byte real-mode boot sector at 0x7C00: prints 'real mode ok'",
+    "longmode": "flat 64-bit binary at 0x100000, entered in long mode: prints 'long mode ok'",
+}
+"""Guest name -> what it does."""
+
+GUEST_FORMAT: dict[str, str] = {
+    "hello": "multiboot",
+    "outloop": "multiboot",
+    "spin": "multiboot",
+    "triple": "multiboot",
+    "forever": "multiboot",
+    "realmode": "flat16",
+    "longmode": "flat64",
+}
+"""Guest name -> image format: ``multiboot``, ``flat16`` or ``flat64``."""
+
+DEFAULT_N: dict[str, int] = {"outloop": 1000, "spin": 1_000_000}
+"""Value of ``n`` when the command line has no ``n=NUMBER``."""
+
+SRC_DIR = Path(__file__).resolve().parent / "src"
+_DEFAULT_BUILD_DIR = Path(__file__).resolve().parent / "build"
+_BUILD_DIR_ENV = "HVM_GUESTS_BUILD_DIR"
+_TOOL_TIMEOUT = 60  # seconds per as/ld run
+
+
+class GuestBuildError(Exception):
+    """A guest image could not be built (missing binutils, or as/ld failed)."""
+
+
+def qemu_exit_status(value: int) -> int:
+    """QEMU's exit status after a guest writes ``value`` to isa-debug-exit."""
+    return ((value << 1) | 1) & 0xFF
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    fmt: str
+
+    @property
+    def suffix(self) -> str:
+        return ".elf" if self.fmt == "multiboot" else ".bin"
+
+
+def _recipe(name: str) -> _Recipe:
+    try:
+        return _Recipe(GUEST_FORMAT[name])
+    except KeyError:
+        raise ValueError(f"unknown guest {name!r}; known: {', '.join(GUESTS)}") from None
+
+
+def build_dir() -> Path:
+    """Where images go: ``$HVM_GUESTS_BUILD_DIR`` if set, else ``hvm/guests/build``."""
+    override = os.environ.get(_BUILD_DIR_ENV)
+    return Path(override) if override else _DEFAULT_BUILD_DIR
+
+
+def guest_sources(name: str) -> list[Path]:
+    """The files an image is built from; it is rebuilt when any is newer."""
+    recipe = _recipe(name)
+    sources = [SRC_DIR / f"{name}.s"]
+    if recipe.fmt == "multiboot":
+        sources += [SRC_DIR / "lib.inc", SRC_DIR / "multiboot.ld"]
+    return sources
+
+
+def _output_path(name: str) -> Path:
+    return build_dir() / f"{name}{_recipe(name).suffix}"
+
+
+def _is_fresh(image: Path, sources: list[Path]) -> bool:
+    try:
+        built = image.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+    try:
+        return all(built >= src.stat().st_mtime_ns for src in sources)
+    except FileNotFoundError:
+        return False  # a missing source: let the build report it
+
+
+def _require_binutils() -> None:
+    missing = [tool for tool in ("as", "ld") if shutil.which(tool) is None]
+    if missing:
+        raise GuestBuildError(
+            f"cannot build guest images: {' and '.join(repr(t) for t in missing)} "
+            "not found on PATH; install binutils (e.g. apt-get install binutils)"
+        )
+
+
+def _run(argv: list[str], what: str) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=_TOOL_TIMEOUT)
+    except FileNotFoundError:
+        raise GuestBuildError(f"{argv[0]!r} not found; install binutils") from None
+    except subprocess.TimeoutExpired:
+        raise GuestBuildError(f"{what}: {argv[0]} timed out after {_TOOL_TIMEOUT}s") from None
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        # Prefer the first real diagnostic over "Assembler messages:" headers.
+        detail = next(
+            (ln for ln in lines if "error" in ln.lower()),
+            lines[0] if lines else f"exit status {proc.returncode}",
+        )
+        raise GuestBuildError(f"{what} failed: {detail}")
+
+
+def _build(name: str, image: Path) -> None:
+    """Assemble and link ``name`` into ``image`` atomically (temp file + rename)."""
+    _require_binutils()
+    try:
+        _build_into(name, image)
+    except OSError as exc:
+        raise GuestBuildError(f"building {image.name}: {exc.strerror or exc}: {exc.filename}") from None
+
+
+def _build_into(name: str, image: Path) -> None:
+    recipe = _recipe(name)
+    source = SRC_DIR / f"{name}.s"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=image.parent) as tmp:
+        obj = Path(tmp) / f"{name}.o"
+        out = Path(tmp) / image.name
+        assemble = ["as", "--32", "-I", str(SRC_DIR), "-o", str(obj), str(source)]
+        _run(assemble, f"assembling {source.name}")
+        if recipe.fmt == "multiboot":
+            # -n: don't page-align sections in the file (keeps it small and
+            # the multiboot header near the start).
+            link = ["ld", "-m", "elf_i386", "-n", "-z", "noexecstack"]
+            link += ["-T", str(SRC_DIR / "multiboot.ld")]
+        else:
+            base = FLAT16_LOAD_ADDRESS if recipe.fmt == "flat16" else FLAT64_LOAD_ADDRESS
+            link = ["ld", "-m", "elf_i386", "-Ttext", f"{base:#x}", "-e", "start"]
+            link += ["--oformat", "binary"]
+        _run([*link, "-o", str(out), str(obj)], f"linking {image.name}")
+        # Same filesystem, so the rename is atomic: a concurrent reader sees the
+        # old image or the new one, never a half-written file.
+        os.replace(out, image)
+
+
+def image_path(name: str) -> Path:
+    """Path of guest ``name``'s image, (re)building it if missing or stale.
+
+    Raises :class:`GuestBuildError` if binutils is missing or the build fails,
+    and :class:`ValueError` for an unknown guest.
+    """
+    image = _output_path(name)
+    if not _is_fresh(image, guest_sources(name)):
+        _build(name, image)
+    return image
+
+
+def build_all() -> dict[str, Path]:
+    """Build (if needed) every guest; returns name -> image path."""
+    return {name: image_path(name) for name in GUESTS}
