@@ -42,17 +42,27 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hvm", description="hvm: a hardware-assisted virtualization lab in Python")
+    parser = argparse.ArgumentParser(
+        prog="hvm", description="hvm: a hardware-assisted virtualization lab in Python"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a guest image (default: the bundled 'hello')")
     run.add_argument("image", nargs="?", help="multiboot ELF or flat binary (default: bundled hello)")
     run.add_argument("--engine", default="auto", choices=["auto", "kvm"], help="execution engine")
-    run.add_argument("--mem", type=parse_size, default=128 << 20, metavar="SIZE", help="guest RAM (default 128M)")
+    run.add_argument(
+        "--mem", type=parse_size, default=128 << 20, metavar="SIZE", help="guest RAM (default 128M)"
+    )
     run.add_argument("--append", default="", metavar="STR", help="guest command line (multiboot)")
-    run.add_argument("--format", default="auto", choices=[f.value for f in ImageFormat],
-                     help="image format: auto-detect multiboot, or a flat binary entered in real/long mode")
-    run.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="stop the guest after this long")
+    run.add_argument(
+        "--format",
+        default="auto",
+        choices=[f.value for f in ImageFormat],
+        help="image format: auto-detect multiboot, or a flat binary entered in real/long mode",
+    )
+    run.add_argument(
+        "--timeout", type=_positive_float, metavar="SECONDS", help="stop the guest after this long"
+    )
     run.add_argument("--stats", action="store_true", help="print exits by kind and the kernel's counters")
     run.add_argument("--json", metavar="PATH", help="write the run's result as JSON ('-' for stdout)")
     run.add_argument("--guest", metavar="NAME", help="run a bundled guest by name instead of IMAGE")
@@ -87,11 +97,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     to_stdout_json = args.json == "-"
     console = None
     if to_stdout_json:
+
         def console(data: bytes) -> None:  # the JSON document owns stdout
             return None
+
     interactive = sys.stdin.isatty() and not to_stdout_json
-    machine = Machine(MachineConfig(engine=args.engine, mem_size=args.mem, console=console,
-                                    interactive=interactive))
+    machine = Machine(
+        MachineConfig(engine=args.engine, mem_size=args.mem, console=console, interactive=interactive)
+    )
     try:
         fmt = ImageFormat(args.format)
         if fmt in (ImageFormat.REAL, ImageFormat.LONG) and args.append:
@@ -144,9 +157,24 @@ def result_json(machine, result) -> dict:
 
 
 # The kernel counters worth a glance first (names from the KVM binary stats fd).
-KVM_HEADLINE = ("exits", "io_exits", "mmio_exits", "halt_exits", "irq_exits", "irq_window_exits",
-                "signal_exits", "pf_taken", "pf_fixed", "pf_emulate", "insn_emulation",
-                "insn_emulation_fail", "irq_injections", "tlb_flush", "invlpg", "hypercalls")
+KVM_HEADLINE = (
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "halt_exits",
+    "irq_exits",
+    "irq_window_exits",
+    "signal_exits",
+    "pf_taken",
+    "pf_fixed",
+    "pf_emulate",
+    "insn_emulation",
+    "insn_emulation_fail",
+    "irq_injections",
+    "tlb_flush",
+    "invlpg",
+    "hypercalls",
+)
 
 
 def print_stats(machine, result) -> None:
@@ -198,16 +226,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     from hvm.engine.kvm import open_system
 
-    doc: dict = {"kvm": None, "exit_kinds": {k.value: (k.sdm_reason.name if k.sdm_reason else None)
-                                             for k in ExitKind}}
+    doc: dict = {
+        "kvm": None,
+        "exit_kinds": {k.value: (k.sdm_reason.name if k.sdm_reason else None) for k in ExitKind},
+    }
     try:
         system = open_system()
     except HvmError as exc:
         doc["kvm"] = {"usable": False, "why": str(exc)}
     else:
         with system:
-            doc["kvm"] = {"usable": True, "vcpu_mmap_size": system.vcpu_mmap_size(),
-                          "capabilities": system.capabilities()}
+            doc["kvm"] = {
+                "usable": True,
+                "vcpu_mmap_size": system.vcpu_mmap_size(),
+                "capabilities": system.capabilities(),
+            }
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -259,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - never a traceback for the user
         if os.environ.get("HVM_DEBUG"):
             raise
-        print(f"hvm: internal error: {type(exc).__name__}: {exc} (set HVM_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        print(
+            f"hvm: internal error: {type(exc).__name__}: {exc} (set HVM_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

@@ -9,12 +9,12 @@ at all, e.g. a host signal or an emulator failure).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from hvm.vtx.exit_reasons import ExitReason
 
 
-class ExitKind(str, Enum):
+class ExitKind(StrEnum):
     IO = "io"
     MMIO = "mmio"
     HLT = "hlt"

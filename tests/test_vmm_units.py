@@ -85,3 +85,12 @@ def test_parse_size(text: str, value: int) -> None:
 def test_parse_size_rejects_garbage() -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size("12 parsecs")
+
+
+def test_missing_kvm_device_says_what_to_do() -> None:
+    from hvm.engine.kvm import open_system
+    from hvm.errors import EXIT_SETUP, EngineUnavailable
+
+    with pytest.raises(EngineUnavailable, match="does not exist.*--engine model") as info:
+        open_system("/nonexistent/kvm")
+    assert info.value.status == EXIT_SETUP

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from hvm.boot import flat, multiboot
@@ -11,7 +11,7 @@ from hvm.errors import ImageError
 from hvm.vmm.memory import GuestMemory
 
 
-class ImageFormat(str, Enum):
+class ImageFormat(StrEnum):
     AUTO = "auto"
     MULTIBOOT = "multiboot"
     REAL = "real"  # flat binary entered in 16-bit real mode at 0000:7C00

@@ -6,7 +6,8 @@ MMIO bus over a range; the bus hands it the offset within that range.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 #: Raise (True) or lower (False) the device's interrupt line.
 IrqLine = Callable[[bool], None]

@@ -42,6 +42,7 @@ class Engine(ABC):
     def set_irq(self, line: int, level: bool) -> None:
         """Drive an ISA interrupt line of the guest's interrupt controller."""
 
+    @abstractmethod
     def kick(self) -> None:
         """Ask a running ``run()`` to return soon with an ``intr`` exit (any thread or signal handler)."""
 
@@ -52,5 +53,6 @@ class Engine(ABC):
         """The engine's own exit statistics (for KVM: the kernel's binary stats)."""
         return {}
 
+    @abstractmethod
     def close(self) -> None:
         """Release host resources."""

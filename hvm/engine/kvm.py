@@ -9,7 +9,6 @@ kernel's own exit counters come from the vCPU's binary statistics fd.
 from __future__ import annotations
 
 import errno
-import os
 import struct
 
 from hvm.cpu import CpuState, DescriptorTable, Segment
@@ -88,7 +87,11 @@ class KvmEngine(Engine):
         self.mm = self.vcpu.mmap
         self._read_offset = 0
         self._read_len = 0
-        self.stats = StatsReader(self.vcpu.stats_fd()) if self._has(K.CAPABILITIES["KVM_CAP_BINARY_STATS_FD"]) else None
+        self.stats = (
+            StatsReader(self.vcpu.stats_fd())
+            if self._has(K.CAPABILITIES["KVM_CAP_BINARY_STATS_FD"])
+            else None
+        )
         self.vm_stats = StatsReader(self.vm.stats_fd()) if self.stats else None
 
     def _has(self, cap: int) -> bool:
@@ -135,8 +138,14 @@ class KvmEngine(Engine):
             direction, size, port, count, data_offset = _IO.unpack_from(mm, _OFF_UNION)
             length = size * count
             if direction == K.KVM_EXIT_IO_OUT:
-                return Exit(ExitKind.IO, port=port, size=size, count=count, is_write=True,
-                            data=mm[data_offset : data_offset + length])
+                return Exit(
+                    ExitKind.IO,
+                    port=port,
+                    size=size,
+                    count=count,
+                    is_write=True,
+                    data=mm[data_offset : data_offset + length],
+                )
             self._read_offset, self._read_len = data_offset, length
             return Exit(ExitKind.IO, port=port, size=size, count=count)
         if reason == K.KVM_EXIT_MMIO:
@@ -158,14 +167,21 @@ class KvmEngine(Engine):
         if reason in (K.KVM_EXIT_X86_RDMSR, K.KVM_EXIT_X86_WRMSR):
             _, why, index, data = _MSR.unpack_from(self.mm, _OFF_UNION)
             if reason == K.KVM_EXIT_X86_WRMSR:
-                return Exit(ExitKind.WRMSR, addr=index, size=8, is_write=True,
-                            data=data.to_bytes(8, "little"), qualification=why)
+                return Exit(
+                    ExitKind.WRMSR,
+                    addr=index,
+                    size=8,
+                    is_write=True,
+                    data=data.to_bytes(8, "little"),
+                    qualification=why,
+                )
             self._read_offset, self._read_len = _OFF_UNION + 16, 8
             return Exit(ExitKind.RDMSR, addr=index, size=8, qualification=why)
         if reason == K.KVM_EXIT_FAIL_ENTRY:
             code = run.fail_entry.hardware_entry_failure_reason
-            return Exit(ExitKind.FAIL_ENTRY, qualification=code,
-                        detail=f"VM entry failed, hardware reason {code:#x}")
+            return Exit(
+                ExitKind.FAIL_ENTRY, qualification=code, detail=f"VM entry failed, hardware reason {code:#x}"
+            )
         if reason == K.KVM_EXIT_INTERNAL_ERROR:
             sub = run.internal.suberror
             names = {
@@ -174,14 +190,21 @@ class KvmEngine(Engine):
                 K.KVM_INTERNAL_ERROR_DELIVERY_EV: "exit during event delivery",
                 K.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
             }
-            return Exit(ExitKind.INTERNAL_ERROR, qualification=sub,
-                        detail=f"KVM internal error: {names.get(sub, f'suberror {sub}')}")
+            return Exit(
+                ExitKind.INTERNAL_ERROR,
+                qualification=sub,
+                detail=f"KVM internal error: {names.get(sub, f'suberror {sub}')}",
+            )
         if reason == K.KVM_EXIT_SYSTEM_EVENT:
             kind = run.system_event.type
-            names = {K.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown", K.KVM_SYSTEM_EVENT_RESET: "reset",
-                     K.KVM_SYSTEM_EVENT_CRASH: "crash"}
-            return Exit(ExitKind.SYSTEM_EVENT, qualification=kind,
-                        detail=f"system event: {names.get(kind, kind)}")
+            names = {
+                K.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown",
+                K.KVM_SYSTEM_EVENT_RESET: "reset",
+                K.KVM_SYSTEM_EVENT_CRASH: "crash",
+            }
+            return Exit(
+                ExitKind.SYSTEM_EVENT, qualification=kind, detail=f"system event: {names.get(kind, kind)}"
+            )
         if reason == K.KVM_EXIT_DEBUG:
             return Exit(ExitKind.DEBUG, addr=run.debug.arch.pc)
         if reason == K.KVM_EXIT_EXCEPTION:
@@ -190,8 +213,9 @@ class KvmEngine(Engine):
             return Exit(ExitKind.INTERRUPT_WINDOW)
         if reason == K.KVM_EXIT_HYPERCALL:
             return Exit(ExitKind.VMCALL, qualification=run.hypercall.nr)
-        return Exit(ExitKind.INTERNAL_ERROR, qualification=reason,
-                    detail=f"unexpected KVM exit reason {reason}")
+        return Exit(
+            ExitKind.INTERNAL_ERROR, qualification=reason, detail=f"unexpected KVM exit reason {reason}"
+        )
 
     def complete_read(self, data: bytes) -> None:
         if len(data) != self._read_len:
@@ -226,5 +250,3 @@ class KvmEngine(Engine):
         if getattr(self, "vm", None) is not None:
             self.vm.close()
         self.system.close()
-
-

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 from hvm.kvm import structs as S
-from hvm.kvm.ioctl import KVMIO, _IO, _IOR, _IOW, _IOWR
+from hvm.kvm.ioctl import _IO, _IOR, _IOW, _IOWR, KVMIO
 
 # --- request numbers (<linux/kvm.h>) ----------------------------------------------------
 KVM_GET_API_VERSION = _IO(KVMIO, 0x00)

@@ -19,9 +19,7 @@ KVM_MSR_FILTER_MAX_RANGES = 16
 class kvm_regs(ctypes.Structure):
     _fields_ = [
         (name, u64)
-        for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
+        for name in ("rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split())
     ]
 
 
@@ -128,7 +126,7 @@ def msrs_buffer(indices: list[int]) -> ctypes.Structure:
 
     buf = _msrs()
     buf.nmsrs = len(indices)
-    for entry, index in zip(buf.entries, indices):
+    for entry, index in zip(buf.entries, indices, strict=True):
         entry.index = index
     return buf
 

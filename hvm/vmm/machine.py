@@ -11,9 +11,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from hvm import boot
 from hvm.boot import ImageFormat
@@ -80,7 +80,9 @@ class Machine:
         self.entry_state: CpuState | None = None
 
     # --- set-up ------------------------------------------------------------------------
-    def load(self, image: str | Path | bytes, fmt: ImageFormat = ImageFormat.AUTO, append: str = "") -> ImageFormat:
+    def load(
+        self, image: str | Path | bytes, fmt: ImageFormat = ImageFormat.AUTO, append: str = ""
+    ) -> ImageFormat:
         """Load a guest image; the multiboot command line is "<image path> <append>", as QEMU passes it."""
         data = image if isinstance(image, bytes) else boot.read_image(image)
         name = "" if isinstance(image, bytes) else str(image)
@@ -176,9 +178,7 @@ class Machine:
                 for i in range(0, len(data), size):
                     device.write(offset, size, int.from_bytes(data[i : i + size], "little"))
         else:
-            out = b"".join(
-                device.read(offset, size).to_bytes(size, "little") for _ in range(ex.count)
-            )
+            out = b"".join(device.read(offset, size).to_bytes(size, "little") for _ in range(ex.count))
             self.engine.complete_read(out)
 
     def _slow(self, ex: Exit) -> tuple[int, str] | None:
