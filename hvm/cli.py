@@ -67,6 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", metavar="PATH", help="write the run's result as JSON ('-' for stdout)")
     run.add_argument("--guest", metavar="NAME", help="run a bundled guest by name instead of IMAGE")
 
+    lab = sub.add_parser("lab", help="the chapter's claims as experiments")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    lab_sub.add_parser("list", help="list the experiments")
+    lab_run = lab_sub.add_parser("run", help="run one experiment")
+    lab_run.add_argument("name", help="experiment name (see: hvm lab list)")
+    lab_run.add_argument("--engine", default="both", choices=["kvm", "model", "both"])
+    lab_run.add_argument("--json", metavar="PATH", help="write the rows as JSON ('-' for stdout)")
+    lab_run.add_argument("--quick", action="store_true", help="the experiment's small parameters")
+    lab_run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter (e.g. --set r=100000)",
+    )
+    lab_rep = lab_sub.add_parser("report", help="run every experiment and write report.md/.html with plots")
+    lab_rep.add_argument("--out", default="lab-out", metavar="DIR")
+    lab_rep.add_argument("--engine", default="both", choices=["kvm", "model", "both"])
+    lab_rep.add_argument("--quick", action="store_true", help="every experiment's small parameters")
+
     info = sub.add_parser("info", help="host capabilities and architectural tables")
     info.add_argument("topic", nargs="?", default="host", choices=["host", "exit-reasons", "guests"])
     info.add_argument("--json", action="store_true", help="print JSON")
@@ -277,11 +297,95 @@ class _terminal:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved)
 
 
+def _params(pairs: list[str], defaults: dict) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in defaults:
+            raise HvmError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(defaults)}")
+        try:
+            out[key] = type(defaults[key])(value)
+        except ValueError:
+            raise HvmError(f"--set {pair!r}: {value!r} is not a {type(defaults[key]).__name__}") from None
+    return out
+
+
+class _RichProgress:
+    def __init__(self) -> None:
+        from rich.progress import Progress
+
+        self.progress = Progress(transient=True, console=_stderr_console())
+        self.task = None
+
+    def __enter__(self):
+        self.progress.start()
+        self.task = self.progress.add_task("lab", total=1)
+        return self
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        self.progress.update(self.task, completed=done, total=total, description=what)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from hvm.lab import EXPERIMENTS, run_experiment
+
+    if args.lab_command == "list":
+        for exp in EXPERIMENTS.values():
+            print(f"{exp.name:16s} {exp.title}  [engines: {', '.join(exp.engines)}]")
+        return 0
+    if args.lab_command == "report":
+        from hvm.lab.report import build
+
+        out = Path(args.out)
+        with _RichProgress() as progress:
+            sections = build(out, args.engine, args.quick, progress)
+        for sec in sections:
+            for c in sec.comparisons:
+                print(
+                    f"{sec.experiment.name}: {c.figure.label}: chapter {c.figure.value:,} {c.figure.unit}, "
+                    f"{c.engine} {c.measured:,} {c.figure.unit}"
+                )
+        print(f"wrote {out / 'report.md'}, {out / 'report.html'}")
+        return 0
+    if args.name not in EXPERIMENTS:
+        raise HvmError(f"unknown experiment {args.name!r} (see: hvm lab list)")
+    exp = EXPERIMENTS[args.name]
+    params = {**(exp.quick if args.quick else exp.defaults), **_params(args.set, exp.defaults)}
+    try:
+        with _RichProgress() as progress:
+            rows = run_experiment(args.name, args.engine, params, progress)
+    except ValueError as exc:
+        raise HvmError(str(exc)) from None
+    doc = json.dumps({"experiment": args.name, "params": params, "rows": rows}, indent=2) + "\n"
+    if args.json == "-":
+        sys.stdout.write(doc)
+    else:
+        if args.json:
+            Path(args.json).write_text(doc)
+        for c in exp.compare(rows):
+            print(
+                f"{c.figure.label}: chapter {c.figure.value:,} {c.figure.unit}; {c.engine}: "
+                f"{c.measured:,} {c.figure.unit} — {c.why}"
+            )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "lab":
+            return cmd_lab(args)
         return cmd_info(args)
     except HvmError as exc:
         print(f"hvm: {exc}", file=sys.stderr)

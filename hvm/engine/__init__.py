@@ -22,6 +22,13 @@ def resolve_engine_name(name: str) -> str:
     return name
 
 
+def available_engines() -> list[str]:
+    """The engines this host can run now."""
+    from hvm.engine.kvm import kvm_usable
+
+    return [name for name in ENGINES if name != "kvm" or kvm_usable()]
+
+
 def create_engine(name: str, memory: GuestMemory) -> Engine:
     name = resolve_engine_name(name)
     from hvm.engine.kvm import KvmEngine
@@ -29,4 +36,4 @@ def create_engine(name: str, memory: GuestMemory) -> Engine:
     return KvmEngine(memory)
 
 
-__all__ = ["ENGINES", "Engine", "create_engine", "resolve_engine_name"]
+__all__ = ["ENGINES", "Engine", "available_engines", "create_engine", "resolve_engine_name"]

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 
 from hvm.cpu import CpuState
 from hvm.exits import Exit
-from hvm.vmm.memory import GuestMemory
+from hvm.vmm.memory import GuestMemory, Region
 
 
 class Engine(ABC):
@@ -45,6 +45,30 @@ class Engine(ABC):
     @abstractmethod
     def kick(self) -> None:
         """Ask a running ``run()`` to return soon with an ``intr`` exit (any thread or signal handler)."""
+
+    @abstractmethod
+    def map_region(self, region: Region) -> None:
+        """Make a region added to guest memory after creation visible to the guest."""
+
+    @abstractmethod
+    def harvest_dirty(self, region: Region) -> list[int]:
+        """Indexes of the region's pages the guest wrote since the last harvest; tracking restarts.
+
+        KVM: KVM_GET_DIRTY_LOG (the kernel write-protects the pages again). VT-x model: the EPT
+        dirty flags of the region's leaf entries, cleared (with the cached translations invalidated).
+        """
+
+    def register_coalesced_mmio(self, addr: int, size: int) -> bool:
+        """Buffer guest writes to [addr, addr+size) without exiting; False if the engine cannot."""
+        return False
+
+    def drain_coalesced(self) -> list[tuple[int, bytes]]:
+        """Buffered (address, data) writes, oldest first; empty if none."""
+        return []
+
+    def tsc_hz(self) -> float | None:
+        """The guest's time-stamp-counter frequency, if the engine knows it."""
+        return None
 
     def capabilities(self) -> dict[str, bool]:
         return {}

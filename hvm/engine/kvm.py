@@ -18,7 +18,7 @@ from hvm.exits import Exit, ExitKind
 from hvm.kvm import api as K
 from hvm.kvm import structs as S
 from hvm.kvm.stats import StatsReader
-from hvm.vmm.memory import GuestMemory
+from hvm.vmm.memory import PAGE_SIZE, GuestMemory, Region
 
 # KVM places the TSS for real-mode emulation here on VMX hosts (as QEMU does: below 4 GiB, above RAM).
 TSS_ADDR = 0xFFFB_D000
@@ -30,6 +30,10 @@ _IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _MSR = struct.Struct("<B7xIIQ")  # error, reason, index, data
 _U32 = struct.Struct("<I")
+_RING_HEAD = struct.Struct("<II")  # first, last
+_RING_ENTRY = struct.Struct("<QII8s")  # struct kvm_coalesced_mmio: phys_addr, len, pio, data
+# KVM_COALESCED_MMIO_MAX: entries that fit in the ring page after its header
+_RING_MAX = (PAGE_SIZE - _RING_HEAD.size) // _RING_ENTRY.size
 
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 _SEG_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
@@ -85,6 +89,7 @@ class KvmEngine(Engine):
             self.close()
             raise EngineUnavailable(f"KVM refused to set up the VM: {exc}") from None
         self.mm = self.vcpu.mmap
+        self._ring_off: int | None = None
         self._read_offset = 0
         self._read_len = 0
         self.stats = (
@@ -159,6 +164,7 @@ class KvmEngine(Engine):
     def _slow_exit(self, reason: int) -> Exit:
         run = self.vcpu.run_struct
         if reason == K.KVM_EXIT_INTR:
+            self.mm[1] = 0  # kvm_run.immediate_exit: consumed; a later kick() sets it again
             return Exit(ExitKind.INTR)
         if reason == K.KVM_EXIT_HLT:
             return Exit(ExitKind.HLT)
@@ -223,14 +229,54 @@ class KvmEngine(Engine):
         off = self._read_offset
         self.mm[off : off + len(data)] = data
 
+    # --- memory ------------------------------------------------------------------------
+    def map_region(self, region: Region) -> None:
+        self.vm.set_user_memory_region(
+            K.MemorySlot(region.slot, region.gpa, region.size, region.host_addr, region.flags)
+        )
+
+    def harvest_dirty(self, region: Region) -> list[int]:
+        if not region.flags & K.KVM_MEM_LOG_DIRTY_PAGES:
+            raise ValueError(f"slot {region.slot} does not log dirty pages")
+        pages = region.size // PAGE_SIZE
+        bitmap = (ctypes.c_uint64 * ((pages + 63) // 64))()
+        self.vm.get_dirty_log(region.slot, bitmap)
+        return [i for i in range(pages) if bitmap[i // 64] >> (i % 64) & 1]
+
+    def register_coalesced_mmio(self, addr: int, size: int) -> bool:
+        page = self.system.check_extension(K.CAPABILITIES["KVM_CAP_COALESCED_MMIO"])
+        if page <= 0:
+            return False
+        self.vm.register_coalesced_mmio(addr, size)
+        self._ring_off = page * PAGE_SIZE
+        return True
+
+    def drain_coalesced(self) -> list[tuple[int, bytes]]:
+        """Entries of the coalesced-MMIO ring (<linux/kvm.h> struct kvm_coalesced_mmio_ring)."""
+        off = self._ring_off
+        if off is None:
+            return []
+        mm = self.mm
+        first, last = _RING_HEAD.unpack_from(mm, off)
+        out = []
+        while first != last:
+            addr, length, _pio, data = _RING_ENTRY.unpack_from(mm, off + 8 + first * _RING_ENTRY.size)
+            out.append((addr, data[:length]))
+            first = (first + 1) % _RING_MAX
+        _U32.pack_into(mm, off, first)  # userspace consumes at 'first'; the kernel produces at 'last'
+        return out
+
     def set_irq(self, line: int, level: bool) -> None:
         self.vm.irq_line(line, int(level))
 
     def kick(self) -> None:
         self.mm[1] = 1  # kvm_run.immediate_exit: the next KVM_RUN returns -EINTR at once
 
-    def clear_kick(self) -> None:
-        self.mm[1] = 0
+    def tsc_hz(self) -> float | None:
+        try:
+            return self.vcpu.get_tsc_khz() * 1000.0
+        except K.KvmError:
+            return None
 
     def capabilities(self) -> dict[str, bool]:
         return {name: value > 0 for name, value in self.system.capabilities().items()}

@@ -49,6 +49,7 @@ KVM_SET_MSRS = _IOW(KVMIO, 0x89, S.kvm_msrs)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, S.kvm_cpuid2)
 KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, S.kvm_cpuid2)
 KVM_SET_GUEST_DEBUG = _IOW(KVMIO, 0x9B, S.kvm_guest_debug)
+KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, S.kvm_enable_cap)
 KVM_X86_SET_MSR_FILTER = _IOW(KVMIO, 0xC6, S.kvm_msr_filter)
 KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
@@ -349,6 +350,9 @@ class Vcpu(_Fd):
         for entry in buf.entries:
             entry.data = values[entry.index]
         return _ioctl(self.fd, KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+
+    def get_tsc_khz(self) -> int:
+        return _ioctl(self.fd, KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
 
     def translate(self, linear: int) -> S.kvm_translation:
         tr = S.kvm_translation(linear_address=linear)

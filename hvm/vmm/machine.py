@@ -26,9 +26,10 @@ from hvm.errors import EXIT_GUEST_CRASH, EXIT_OK, EXIT_TIMEOUT, HvmError, SetupE
 from hvm.exits import Exit, ExitKind
 from hvm.vmm.bus import MmioBus, PioBus
 from hvm.vmm.ledger import ExitLedger
-from hvm.vmm.memory import GuestMemory, GuestMemoryError
+from hvm.vmm.memory import GuestMemory, GuestMemoryError, Region
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0  # <linux/kvm.h>; the engines share the flag's meaning
 CONSOLE_KEEP = 1 << 20  # bytes of console output kept for the run result
 
 
@@ -76,7 +77,10 @@ class Machine:
         self.pio.register(DEFAULT_PORT, DEFAULT_SIZE, DebugExit())
         self.pio.register(0x80, 1, Port80())
         self._lock = threading.Lock()
-        self._timed_out = False
+        self._pollers: list[_Poller] = []
+        self._deadline: float | None = None
+        self._coalesced = False
+        self.coalesced_writes = 0  # guest writes buffered by the engine, delivered without an exit
         self.entry_state: CpuState | None = None
 
     # --- set-up ------------------------------------------------------------------------
@@ -98,15 +102,30 @@ class Machine:
         self._sink(data)
 
     # --- the run loop ------------------------------------------------------------------
+    def add_poller(self, interval_s: float, poll: Callable[[], None]) -> None:
+        """Call ``poll()`` on the vCPU thread about every ``interval_s`` while the guest runs.
+
+        One host interval timer drives all pollers and the timeout: its signal kicks the
+        engine out of the guest (on KVM a real exit), the loop runs whatever is due.
+        """
+        self._pollers.append(_Poller(interval_s, poll))
+
     def run(self, timeout: float | None = None) -> RunResult:
         if self.entry_state is None:
             raise SetupError("no guest image loaded")
         start = time.perf_counter()
         status, reason, crash = EXIT_OK, "", None
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        tick = min(
+            [p.interval for p in self._pollers] + ([timeout] if timeout is not None else []), default=0
+        )
         old_handler = None
-        if timeout is not None:
+        if tick:
+            now = time.monotonic()
+            for p in self._pollers:
+                p.due = now + p.interval
             old_handler = signal.signal(signal.SIGALRM, self._on_alarm)
-            signal.setitimer(signal.ITIMER_REAL, timeout)
+            signal.setitimer(signal.ITIMER_REAL, tick, tick)
         input_thread = self._start_input() if self.config.interactive else None
         try:
             status, reason = self._loop()
@@ -116,11 +135,13 @@ class Machine:
             status, reason = exc.status, str(exc)
             crash = self.engine.get_state()
         finally:
-            if timeout is not None:
+            if tick:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, old_handler)
             if input_thread:
                 input_thread.stop()
+        for p in self._pollers:  # a last harvest: nothing the guest published is left behind
+            p.poll()
         return RunResult(
             engine=self.engine_name,
             exit_status=status,
@@ -134,16 +155,30 @@ class Machine:
         )
 
     def _on_alarm(self, signum: int, frame: object) -> None:
-        self._timed_out = True
         self.engine.kick()
+
+    def _on_intr(self) -> tuple[int, str] | None:
+        """The host interrupted the guest (timer tick or signal): run due pollers, check the deadline."""
+        now = time.monotonic()
+        for p in self._pollers:
+            if now >= p.due:
+                p.poll()
+                p.runs += 1
+                p.due = now + p.interval
+        if self._deadline is not None and now >= self._deadline - 0.005:  # timer granularity
+            return EXIT_TIMEOUT, "timeout"
+        return None
 
     def _loop(self) -> tuple[int, str]:
         engine, ledger, clock = self.engine, self.ledger, time.perf_counter_ns
         pio_lookup = self.pio.lookup
         lock = self._lock if self.config.interactive else None
+        coalesced = self._coalesced
         while True:
             ex = engine.run()
             t0 = clock()
+            if coalesced:
+                self._flush_coalesced()
             kind = ex.kind
             if kind is ExitKind.IO:
                 if lock:
@@ -152,14 +187,39 @@ class Machine:
                 else:
                     self._io(ex, pio_lookup)
             elif kind is ExitKind.INTR:
-                if self._timed_out:
-                    return EXIT_TIMEOUT, "timeout"
+                result = self._on_intr()
+                if result is not None:
+                    return result
             else:
                 result = self._slow(ex)
                 if result is not None:
                     ledger.record(kind, clock() - t0)
                     return result
             ledger.record(kind, clock() - t0)
+
+    # --- memory and coalesced writes -------------------------------------------------------
+    def add_ram_region(self, gpa: int, size: int, log_dirty: bool = False) -> Region:
+        """Guest memory outside RAM (a device's pages), optionally with dirty-page tracking."""
+        region = self.memory.add_region(gpa, size, KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        self.engine.map_region(region)
+        return region
+
+    def coalesce_mmio(self, addr: int, size: int) -> bool:
+        """Let guest writes to [addr, addr+size) be buffered by the engine instead of exiting."""
+        if not self.engine.register_coalesced_mmio(addr, size):
+            return False
+        self._coalesced = True
+        return True
+
+    def _flush_coalesced(self) -> None:
+        for addr, data in self.engine.drain_coalesced():
+            self.coalesced_writes += 1
+            hit = self.mmio.lookup(addr)
+            if hit is None:
+                self.ledger.unhandled(ExitKind.MMIO)
+            else:
+                device, offset = hit
+                device.write(offset, len(data), int.from_bytes(data, "little"))
 
     def _io(self, ex: Exit, lookup) -> None:
         hit = lookup(ex.port)
@@ -227,6 +287,14 @@ class Machine:
     def close(self) -> None:
         self.engine.close()
         self.memory.close()
+
+
+@dataclass
+class _Poller:
+    interval: float
+    poll: Callable[[], None]
+    due: float = 0.0
+    runs: int = 0
 
 
 def _stdout(data: bytes) -> None:

@@ -51,18 +51,44 @@ class GuestMemory:
         mem = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.regions = [Region(0, 0, size, mem)]
         self.ram = memoryview(mem)
+        self._views: dict[int, memoryview] = {0: self.ram}
+
+    def add_region(self, gpa: int, size: int, flags: int = 0) -> Region:
+        """More guest-physical memory outside RAM (e.g. a device's register pages), in a slot of its own.
+
+        ``flags`` are KVM_MEM_* flags (KVM_MEM_LOG_DIRTY_PAGES to track guest writes).
+        """
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise GuestMemoryError("memory regions are whole 4-KiB pages")
+        for region in self.regions:
+            if gpa < region.end and region.gpa < gpa + size:
+                raise GuestMemoryError(f"region {gpa:#x}+{size:#x} overlaps slot {region.slot}")
+        mem = mmap.mmap(-1, size, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        region = Region(max(r.slot for r in self.regions) + 1, gpa, size, mem, flags)
+        self.regions.append(region)
+        self._views[region.slot] = memoryview(mem)
+        return region
+
+    def _locate(self, gpa: int, length: int) -> tuple[memoryview, int]:
+        """The host view holding [gpa, gpa+length) and the offset in it; never outside the guest's memory."""
+        if gpa >= 0 and length >= 0:
+            if gpa + length <= self.size:
+                return self.ram, gpa
+            for region in self.regions[1:]:
+                if region.gpa <= gpa and gpa + length <= region.end:
+                    return self._views[region.slot], gpa - region.gpa
+        raise GuestMemoryError(f"guest physical range {gpa:#x}+{length:#x} is outside guest memory")
 
     def _check(self, gpa: int, length: int) -> None:
-        if gpa < 0 or length < 0 or gpa + length > self.size:
-            raise GuestMemoryError(f"guest physical range {gpa:#x}+{length:#x} is outside RAM")
+        self._locate(gpa, length)
 
     def read(self, gpa: int, length: int) -> bytes:
-        self._check(gpa, length)
-        return bytes(self.ram[gpa : gpa + length])
+        view, off = self._locate(gpa, length)
+        return bytes(view[off : off + length])
 
     def write(self, gpa: int, data: bytes) -> None:
-        self._check(gpa, len(data))
-        self.ram[gpa : gpa + len(data)] = data
+        view, off = self._locate(gpa, len(data))
+        view[off : off + len(data)] = data
 
     def read_u32(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 4), "little")
@@ -77,12 +103,12 @@ class GuestMemory:
         self.write(gpa, value.to_bytes(8, "little"))
 
     def read_cstring(self, gpa: int, limit: int = 4096) -> bytes:
-        self._check(gpa, 1)
-        end = min(gpa + limit, self.size)
-        chunk = bytes(self.ram[gpa:end])
+        view, off = self._locate(gpa, 1)
+        chunk = bytes(view[off : min(off + limit, len(view))])
         return chunk.split(b"\0", 1)[0]
 
     def close(self) -> None:
-        self.ram.release()
+        for view in self._views.values():
+            view.release()
         for region in self.regions:
             region.mem.close()
