@@ -8,6 +8,7 @@ kernel's own exit counters come from the vCPU's binary statistics fd.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import struct
 

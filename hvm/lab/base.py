@@ -9,9 +9,10 @@ one sentence on why they differ); ``plot`` draws the experiment's figures.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 Row = dict[str, Any]
 #: progress(done, total, what) — the CLI renders it with rich

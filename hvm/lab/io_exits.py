@@ -172,6 +172,19 @@ def run(engine: str, params: dict[str, Any], progress: Progress) -> list[Row]:
     return rows
 
 
+def _pio_why(row: Row, extra: int, full_size: bool) -> str:
+    if full_size:
+        return (
+            f"R + W = {row['r'] + row['w']:,} port accesses each exit; the other {extra:,} are the "
+            "guest's console output and exit port, plus (KVM) host-interrupt and page-fault exits "
+            "that the chapter leaves out"
+        )
+    return (
+        f"run at R={row['r']:,}, W={row['w']:,} (scaled): exits track R + W one for one, "
+        f"{extra:,} more for console output, exit port and host events"
+    )
+
+
 def compare(rows: list[Row]) -> list[Comparison]:
     out = []
     by = {(r["engine"], r["design"]): r for r in rows}
@@ -184,14 +197,7 @@ def compare(rows: list[Row]) -> list[Comparison]:
                     FIGURES[0],
                     engine,
                     row["exits_total"],
-                    (
-                        f"R + W = {row['r'] + row['w']:,} port accesses each exit; the other {extra:,} are the "
-                        "guest's console output and exit port, plus (KVM) host-interrupt and page-fault exits "
-                        "that the chapter leaves out"
-                        if scale[engine] == 1
-                        else f"run at R={row['r']:,}, W={row['w']:,} (scaled): exits track R + W one for one, "
-                        f"{extra:,} more for console output, exit port and host events"
-                    ),
+                    _pio_why(row, extra, scale[engine] == 1),
                 )
             )
         if design == "dirty_poll":
