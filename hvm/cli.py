@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_rep.add_argument("--quick", action="store_true", help="every experiment's small parameters")
 
     info = sub.add_parser("info", help="host capabilities and architectural tables")
-    info.add_argument("topic", nargs="?", default="host", choices=["host", "exit-reasons", "guests"])
+    info.add_argument("topic", nargs="?", default="host", choices=["host", "exit-reasons", "vmcs", "guests"])
     info.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -228,15 +228,21 @@ def print_stats(machine, result) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    if args.topic == "exit-reasons":
-        from hvm.vtx.exit_reasons import ExitReason
+    if args.topic in ("exit-reasons", "vmcs"):
+        if args.topic == "vmcs":
+            from hvm.vtx.vmcs import fields
 
-        table = {r.name: int(r) for r in ExitReason}
+            table = fields()
+        else:
+            from hvm.vtx.exit_reasons import ExitReason
+
+            table = {r.name: int(r) for r in ExitReason}
         if args.json:
             print(json.dumps(table, indent=2))
         else:
+            width = 6 if args.topic == "vmcs" else 3
             for name, number in table.items():
-                print(f"{number:3d}  {name}")
+                print(f"{number:#0{width}x}  {name}" if args.topic == "vmcs" else f"{number:3d}  {name}")
         return 0
     if args.topic == "guests":
         from hvm import guests

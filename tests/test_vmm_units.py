@@ -94,3 +94,18 @@ def test_missing_kvm_device_says_what_to_do() -> None:
     with pytest.raises(EngineUnavailable, match="does not exist.*--engine model") as info:
         open_system("/nonexistent/kvm")
     assert info.value.status == EXIT_SETUP
+
+
+def test_info_tables_match_the_sdm(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from hvm.cli import main
+
+    assert main(["info", "exit-reasons", "--json"]) == 0
+    reasons = json.loads(capsys.readouterr().out)
+    # Intel SDM Vol. 3D Appendix C
+    assert reasons["IO_INSTRUCTION"] == 30 and reasons["EPT_VIOLATION"] == 48 and reasons["HLT"] == 12
+    assert main(["info", "vmcs", "--json"]) == 0
+    vmcs = json.loads(capsys.readouterr().out)
+    # Intel SDM Vol. 3D Appendix B
+    assert vmcs["EPT_POINTER"] == 0x201A and vmcs["GUEST_CR0"] == 0x6800 and vmcs["VM_EXIT_REASON"] == 0x4402
