@@ -4,12 +4,14 @@ The guests are GNU ``as`` sources under ``src/``; no binary image is committed.
 :func:`image_path` builds a guest on demand into ``build/`` (or into
 ``$HVM_GUESTS_BUILD_DIR``) with ``as --32`` and ``ld -m elf_i386`` and returns
 the image's path; it rebuilds when the image is older than any of its sources.
+Guests with C sources (:data:`C_SOURCES`, i.e. ``iobench``) are built as 64-bit
+code behind lib.inc's 32-bit multiboot entry; see :data:`C_SOURCES`.
 
 Three image formats (:data:`GUEST_FORMAT`):
 
 ``multiboot``
     A multiboot v1 ELF32 i386 image linked at 1 MiB (``hello``, ``outloop``,
-    ``spin``, ``triple``, ``forever``).  ``qemu-system-x86_64 -kernel IMAGE``
+    ``spin``, ``triple``, ``forever``, ``iobench``).  ``qemu-system-x86_64 -kernel IMAGE``
     boots it; a VMM loads its PT_LOAD segments and enters ``e_entry`` in 32-bit
     protected mode with EAX = 0x2BADB002 and EBX = the multiboot info address.
     The command line may carry ``n=NUMBER``.
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "C_SOURCES",
     "COM1_PORT",
     "DEFAULT_N",
     "EXIT_PORT",
@@ -87,6 +90,11 @@ GUESTS: dict[str, str] = {
     "forever": "prints 'looping', then jmp . forever",
     "realmode": "512-byte real-mode boot sector at 0x7C00: prints 'real mode ok'",
     "longmode": "flat 64-bit binary at 0x100000, entered in long mode: prints 'long mode ok'",
+    "iobench": (
+        "the I/O experiment: r status reads and w CRC-32 commands to the command device "
+        "(design=pio|mmio|coalesced|dirty r=N w=N cpl=0|3, default pio 1000000 30000 3), "
+        "then one 'iobench ...' summary line; C, see src/iobench.c"
+    ),
 }
 """Guest name -> what it does."""
 
@@ -98,11 +106,30 @@ GUEST_FORMAT: dict[str, str] = {
     "forever": "multiboot",
     "realmode": "flat16",
     "longmode": "flat64",
+    "iobench": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16`` or ``flat64``."""
 
 DEFAULT_N: dict[str, int] = {"outloop": 1000, "spin": 1_000_000}
 """Value of ``n`` when the command line has no ``n=NUMBER``."""
+
+C_SOURCES: dict[str, tuple[str, ...]] = {"iobench": ("iobench.c",)}
+"""Guest name -> freestanding C files in ``src/``.
+
+Such a guest is a multiboot image whose body is 64-bit: ``NAME.s`` includes
+lib.inc under ``.code32`` (entry in 32-bit protected mode) and switches to long
+mode itself.  It is assembled with ``as --64``, the C compiled with ``gcc -m64``
+(:data:`_CC_FLAGS`), linked by ``NAME.ld`` as ELF64 at 1 MiB and converted with
+``objcopy -O elf32-i386`` into the ELF32 image multiboot loaders accept.  (64-bit
+because on KVM-on-PVM hosts only 64-bit ring-3 guest code runs natively.)
+"""
+
+_CC_FLAGS = [
+    "-m64", "-ffreestanding", "-fno-pic", "-fno-stack-protector", "-nostdlib", "-O2",
+    "-mno-red-zone",  # ring-0 code shares its stack with exception frames
+    "-mgeneral-regs-only",  # the guest never enables SSE (CR4.OSFXSR = 0)
+    "-c",
+]  # fmt: skip
 
 SRC_DIR = Path(__file__).resolve().parent / "src"
 _DEFAULT_BUILD_DIR = Path(__file__).resolve().parent / "build"
@@ -145,6 +172,9 @@ def guest_sources(name: str) -> list[Path]:
     """The files an image is built from; it is rebuilt when any is newer."""
     recipe = _recipe(name)
     sources = [SRC_DIR / f"{name}.s"]
+    if name in C_SOURCES:
+        sources += [SRC_DIR / c for c in C_SOURCES[name]]
+        return [*sources, SRC_DIR / "lib.inc", SRC_DIR / f"{name}.ld"]
     if recipe.fmt == "multiboot":
         sources += [SRC_DIR / "lib.inc", SRC_DIR / "multiboot.ld"]
     return sources
@@ -174,6 +204,17 @@ def _require_binutils() -> None:
         )
 
 
+def _require_cc(name: str) -> None:
+    if name not in C_SOURCES:
+        return
+    missing = [tool for tool in ("gcc", "objcopy") if shutil.which(tool) is None]
+    if missing:
+        raise GuestBuildError(
+            f"cannot build guest {name!r}: {' and '.join(repr(t) for t in missing)} not found on PATH; "
+            "install gcc and binutils (e.g. apt-get install gcc binutils)"
+        )
+
+
 def _run(argv: list[str], what: str) -> None:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=_TOOL_TIMEOUT)
@@ -194,6 +235,7 @@ def _run(argv: list[str], what: str) -> None:
 def _build(name: str, image: Path) -> None:
     """Assemble and link ``name`` into ``image`` atomically (temp file + rename)."""
     _require_binutils()
+    _require_cc(name)
     try:
         _build_into(name, image)
     except OSError as exc:
@@ -207,6 +249,10 @@ def _build_into(name: str, image: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=image.parent) as tmp:
         obj = Path(tmp) / f"{name}.o"
         out = Path(tmp) / image.name
+        if name in C_SOURCES:
+            _build_c_guest(name, Path(tmp), out)
+            os.replace(out, image)
+            return
         assemble = ["as", "--32", "-I", str(SRC_DIR), "-o", str(obj), str(source)]
         _run(assemble, f"assembling {source.name}")
         if recipe.fmt == "multiboot":
@@ -222,6 +268,21 @@ def _build_into(name: str, image: Path) -> None:
         # Same filesystem, so the rename is atomic: a concurrent reader sees the
         # old image or the new one, never a half-written file.
         os.replace(out, image)
+
+
+def _build_c_guest(name: str, tmp: Path, out: Path) -> None:
+    """A multiboot guest with a 64-bit body (see :data:`C_SOURCES`) into ``out``."""
+    source = SRC_DIR / f"{name}.s"
+    objects = [tmp / f"{name}.o"]
+    _run(["as", "--64", "-I", str(SRC_DIR), "-o", str(objects[0]), str(source)], f"assembling {source.name}")
+    for c_name in C_SOURCES[name]:
+        c_source = SRC_DIR / c_name
+        objects.append(tmp / f"{c_source.stem}.c.o")
+        _run(["gcc", *_CC_FLAGS, "-o", str(objects[-1]), str(c_source)], f"compiling {c_source.name}")
+    elf64 = tmp / f"{name}.elf64"
+    link = ["ld", "-m", "elf_x86_64", "-n", "-z", "noexecstack", "-T", str(SRC_DIR / f"{name}.ld")]
+    _run([*link, "-o", str(elf64), *map(str, objects)], f"linking {out.name}")
+    _run(["objcopy", "-O", "elf32-i386", str(elf64), str(out)], f"converting {out.name} to ELF32")
 
 
 def image_path(name: str) -> Path:
