@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a guest image (default: the bundled 'hello')")
     run.add_argument("image", nargs="?", help="multiboot ELF or flat binary (default: bundled hello)")
-    run.add_argument("--engine", default="auto", choices=["auto", "kvm"], help="execution engine")
+    run.add_argument("--engine", default="auto", choices=["auto", "kvm", "model"],
+                     help="execution engine (auto: kvm if /dev/kvm is usable, else model)")
     run.add_argument(
         "--mem", type=parse_size, default=128 << 20, metavar="SIZE", help="guest RAM (default 128M)"
     )
@@ -123,7 +124,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     interactive = sys.stdin.isatty() and not to_stdout_json
     machine = Machine(
-        MachineConfig(engine=args.engine, mem_size=args.mem, console=console, interactive=interactive)
+        MachineConfig(
+            engine=args.engine, mem_size=args.mem, console=console, input_fd=0 if interactive else None
+        )
     )
     try:
         fmt = ImageFormat(args.format)

@@ -150,3 +150,41 @@ def test_bad_input_is_one_line_with_status(args: tuple[str, ...], status: int, n
     assert proc.returncode == status
     assert needle in err
     assert "Traceback" not in err
+
+
+def test_console_input_reaches_the_guest_through_the_uart(guest) -> None:
+    # The data sheet's receive path: bytes given to the UART set LSR.DR and are read from RBR.
+    # They are fed once the guest has set up its UART (enabling the FIFOs clears the receiver).
+    fed = []
+
+    def console(data: bytes) -> None:
+        if data == b"\n" and not fed:  # end of "echo ready"
+            fed.append(True)
+            m.feed_console(b"hi thereq")
+
+    m = Machine(MachineConfig(engine="kvm", mem_size=64 << 20, console=console))
+    try:
+        m.load(guest("echo"))
+        result = m.run(timeout=30)
+    finally:
+        m.close()
+    assert result.exit_status == 1
+    assert result.console == b"echo ready\nHI THERE\necho done 8\n"
+
+
+def test_input_fd_is_wired_to_com1(guest) -> None:
+    # What `hvm run` does with a terminal on stdin, here with a pipe.
+    import os
+    import threading
+
+    rfd, wfd = os.pipe()
+    try:
+        m = Machine(MachineConfig(engine="kvm", mem_size=64 << 20, console=lambda b: None, input_fd=rfd))
+        m.load(guest("echo"))
+        threading.Timer(0.5, lambda: os.write(wfd, b"abcq")).start()
+        result = m.run(timeout=30)
+        m.close()
+    finally:
+        os.close(wfd)
+        os.close(rfd)
+    assert result.console.endswith(b"ABC\necho done 3\n")

@@ -88,6 +88,7 @@ GUESTS: dict[str, str] = {
     "spin": "N (n=N, default 1000000) iterations of a 5-instruction register-only loop, then 'spin done'",
     "triple": "prints 'triple fault next', loads an empty IDT and divides by zero: triple fault",
     "forever": "prints 'looping', then jmp . forever",
+    "echo": "echoes COM1 input in upper case until 'q', then 'echo done N'",
     "realmode": "512-byte real-mode boot sector at 0x7C00: prints 'real mode ok'",
     "longmode": "flat 64-bit binary at 0x100000, entered in long mode: prints 'long mode ok'",
     "iobench": (
@@ -104,6 +105,7 @@ GUEST_FORMAT: dict[str, str] = {
     "spin": "multiboot",
     "triple": "multiboot",
     "forever": "multiboot",
+    "echo": "multiboot",
     "realmode": "flat16",
     "longmode": "flat64",
     "iobench": "multiboot",

@@ -38,7 +38,7 @@ class MachineConfig:
     engine: str = "auto"
     mem_size: int = 128 << 20
     console: Callable[[bytes], None] | None = None  # None: write to stdout
-    interactive: bool = False  # feed stdin to COM1
+    input_fd: int | None = None  # bytes read from this fd (e.g. 0, a terminal) go to COM1
 
 
 @dataclass
@@ -126,7 +126,7 @@ class Machine:
                 p.due = now + p.interval
             old_handler = signal.signal(signal.SIGALRM, self._on_alarm)
             signal.setitimer(signal.ITIMER_REAL, tick, tick)
-        input_thread = self._start_input() if self.config.interactive else None
+        input_thread = self._start_input() if self.config.input_fd is not None else None
         try:
             status, reason = self._loop()
         except StopMachine as stop:
@@ -172,7 +172,7 @@ class Machine:
     def _loop(self) -> tuple[int, str]:
         engine, ledger, clock = self.engine, self.ledger, time.perf_counter_ns
         pio_lookup = self.pio.lookup
-        lock = self._lock if self.config.interactive else None
+        lock = self._lock if self.config.input_fd is not None else None
         coalesced = self._coalesced
         while True:
             ex = engine.run()
@@ -313,7 +313,7 @@ class _InputThread(threading.Thread):
         self._stop = threading.Event()
 
     def run(self) -> None:
-        fd = sys.stdin.fileno()
+        fd = self.machine.config.input_fd
         while not self._stop.is_set():
             try:
                 data = os.read(fd, 64)
