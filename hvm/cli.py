@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a guest image (default: the bundled 'hello')")
     run.add_argument("image", nargs="?", help="multiboot ELF or flat binary (default: bundled hello)")
-    run.add_argument("--engine", default="auto", choices=["auto", "kvm", "model"],
-                     help="execution engine (auto: kvm if /dev/kvm is usable, else model)")
+    run.add_argument("--engine", default="auto", choices=["auto", "kvm", "model", "trap"],
+                     help="execution engine (auto: kvm if /dev/kvm is usable, else model; "
+                     "trap: classic trap-and-emulate, no VT-x)")
     run.add_argument(
         "--mem", type=parse_size, default=128 << 20, metavar="SIZE", help="guest RAM (default 128M)"
     )
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats", action="store_true", help="print exits by kind and the kernel's counters")
     run.add_argument("--json", metavar="PATH", help="write the run's result as JSON ('-' for stdout)")
     run.add_argument("--guest", metavar="NAME", help="run a bundled guest by name instead of IMAGE")
+    run.add_argument("--trace", action="store_true",
+                     help="trap engine: print each trap step by step with its modelled cycles (stderr)")
 
     lab = sub.add_parser("lab", help="the chapter's claims as experiments")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
@@ -123,11 +126,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             return None
 
     interactive = sys.stdin.isatty() and not to_stdout_json
+    if args.trace and args.engine != "trap":
+        raise HvmError("--trace shows the trap engine's traps: use it with --engine trap")
     machine = Machine(
         MachineConfig(
             engine=args.engine, mem_size=args.mem, console=console, input_fd=0 if interactive else None
         )
     )
+    if args.trace:
+        machine.engine.trace = lambda text: print(text, file=sys.stderr)
     try:
         fmt = ImageFormat(args.format)
         if fmt in (ImageFormat.REAL, ImageFormat.LONG) and args.append:

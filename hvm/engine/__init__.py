@@ -6,7 +6,7 @@ from hvm.engine.base import Engine
 from hvm.errors import EngineUnavailable
 from hvm.vmm.memory import GuestMemory
 
-ENGINES = ("kvm",)
+ENGINES = ("kvm", "model", "trap")
 
 
 def resolve_engine_name(name: str) -> str:
@@ -14,9 +14,7 @@ def resolve_engine_name(name: str) -> str:
     from hvm.engine.kvm import kvm_usable
 
     if name == "auto":
-        if kvm_usable():
-            return "kvm"
-        raise EngineUnavailable("no usable engine: /dev/kvm is missing or not accessible")
+        return "kvm" if kvm_usable() else "model"
     if name not in ENGINES:
         raise EngineUnavailable(f"unknown engine {name!r} (choose from: auto, {', '.join(ENGINES)})")
     return name
@@ -31,6 +29,14 @@ def available_engines() -> list[str]:
 
 def create_engine(name: str, memory: GuestMemory) -> Engine:
     name = resolve_engine_name(name)
+    if name == "model":
+        from hvm.engine.model import ModelEngine
+
+        return ModelEngine(memory)
+    if name == "trap":
+        from hvm.engine.trap import TrapEngine
+
+        return TrapEngine(memory)
     from hvm.engine.kvm import KvmEngine
 
     return KvmEngine(memory)
