@@ -182,6 +182,7 @@ def result_json(machine, result) -> dict:
             for kind, s in machine.ledger.rows()
         ],
         "kvm_stats": result.engine_counters if result.engine == "kvm" else {},
+        "engine_counters": result.engine_counters,
         "wall_s": round(result.wall_s, 6),
     }
 
@@ -227,13 +228,16 @@ def print_stats(machine, result) -> None:
             f"{s.unhandled:,}",
         )
     out.print(table)
-    if result.engine_counters:
-        kt = Table(title="KVM kernel counters (binary stats fd)")
+    counters = result.engine_counters
+    if counters:
+        kvm = result.engine == "kvm"
+        title = "KVM kernel counters (binary stats fd)" if kvm else f"{result.engine} engine counters"
+        kt = Table(title=title)
         kt.add_column("counter")
         kt.add_column("value", justify="right")
-        for name in KVM_HEADLINE:
-            if name in result.engine_counters:
-                kt.add_row(name, f"{result.engine_counters[name]:,}")
+        for name in KVM_HEADLINE if kvm else counters:
+            if name in counters:
+                kt.add_row(name, f"{counters[name]:,}")
         out.print(kt)
 
 

@@ -177,25 +177,22 @@ class Machine:
         while True:
             ex = engine.run()
             t0 = clock()
-            if coalesced:
-                self._flush_coalesced()
             kind = ex.kind
-            if kind is ExitKind.IO:
-                if lock:
-                    with lock:
+            try:
+                if coalesced:
+                    self._flush_coalesced()
+                if kind is ExitKind.IO:
+                    if lock:
+                        with lock:
+                            self._io(ex, pio_lookup)
+                    else:
                         self._io(ex, pio_lookup)
-                else:
-                    self._io(ex, pio_lookup)
-            elif kind is ExitKind.INTR:
-                result = self._on_intr()
+                    continue
+                result = self._on_intr() if kind is ExitKind.INTR else self._slow(ex)
                 if result is not None:
                     return result
-            else:
-                result = self._slow(ex)
-                if result is not None:
-                    ledger.record(kind, clock() - t0)
-                    return result
-            ledger.record(kind, clock() - t0)
+            finally:  # every exit is counted, also the one that ends the run
+                ledger.record(kind, clock() - t0)
 
     # --- memory and coalesced writes -------------------------------------------------------
     def add_ram_region(self, gpa: int, size: int, log_dirty: bool = False) -> Region:
@@ -267,7 +264,7 @@ class Machine:
             return None
         if kind is ExitKind.SYSTEM_EVENT:
             return EXIT_OK, ex.detail
-        if kind in (ExitKind.SHUTDOWN, ExitKind.INTERNAL_ERROR, ExitKind.FAIL_ENTRY):
+        if kind in (ExitKind.SHUTDOWN, ExitKind.INTERNAL_ERROR, ExitKind.FAIL_ENTRY, ExitKind.EPT_MISCONFIG):
             what = "triple fault" if kind is ExitKind.SHUTDOWN else ex.detail
             state = self.engine.get_state()
             raise GuestCrash(f"guest crashed: {what} ({state.describe()}; exit kind {kind.value})")
