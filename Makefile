@@ -16,3 +16,4 @@ test:
 bench:
 	scripts/setup.sh test
 	.venv/bin/python benchmarks/exit_cost.py
+	.venv/bin/python benchmarks/model_speed.py
