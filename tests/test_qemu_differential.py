@@ -10,6 +10,7 @@ little smaller than hvm's (which has no firmware); that line is compared as
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def qemu(image: Path, append: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
-def hvm(image: Path, append: str) -> subprocess.CompletedProcess:
+def hvm(image: Path, append: str, engine: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -57,7 +58,7 @@ def hvm(image: Path, append: str) -> subprocess.CompletedProcess:
         "run",
         str(image),
         "--engine",
-        "kvm",
+        engine,
         "--mem",
         "128M",
         "--append",
@@ -66,12 +67,18 @@ def hvm(image: Path, append: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, timeout=120, cwd=ROOT, stdin=subprocess.DEVNULL)
 
 
+@functools.cache
+def reference(image: Path, append: str) -> subprocess.CompletedProcess:
+    return qemu(image, append)
+
+
+@pytest.mark.parametrize("engine", ["kvm", "model"])
 @pytest.mark.parametrize(
     ("name", "append"), [("hello", "n=5 demo"), ("outloop", "n=2500"), ("spin", "n=2000")]
 )
-def test_same_console_and_status_as_qemu(guest, name: str, append: str) -> None:
+def test_same_console_and_status_as_qemu(guest, name: str, append: str, engine: str) -> None:
     image = guest(name)
-    ref, ours = qemu(image, append), hvm(image, append)
+    ref, ours = reference(image, append), hvm(image, append, engine)
     assert ours.returncode == ref.returncode == 1, (ref.stderr, ours.stderr)
     ref_mem = MEM_UPPER.search(ref.stdout)
     ours_mem = MEM_UPPER.search(ours.stdout)
