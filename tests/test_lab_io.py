@@ -71,3 +71,19 @@ def test_lab_report_writes_markdown_html_and_plots(tmp_path: Path) -> None:
     assert (tmp_path / "report.html").read_text().startswith("<!doctype html>")
     for png in ("io-exits-exits.png", "io-exits-wall.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("design", ["pio", "mmio", "coalesced_mmio", "dirty_poll"])
+def test_model_engine_processes_every_command_once_in_order(design: str) -> None:
+    row = run_design("model", design, r=2000, w=150, cpl=3, poll_ms=1.0, timeout=120)
+    assert row["exit_status"] == 1 and row["guest_summary"]["bad_results"] == 0
+    assert row["commands_sent"] == row["commands_processed"] == 150
+    assert row["in_order"]
+
+
+@pytest.mark.parametrize("poll_ms", [0.1, 10.0])
+def test_model_dirty_poll_loses_nothing(poll_ms: float) -> None:
+    # EPT dirty flags on the model engine: harvest clears them and invalidates cached translations
+    row = run_design("model", "dirty_poll", r=50, w=1000, cpl=3, poll_ms=poll_ms, timeout=120)
+    assert row["commands_processed"] == 1000 and row["in_order"]
+    assert row["guest_summary"]["bad_results"] == 0
