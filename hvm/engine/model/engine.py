@@ -242,7 +242,6 @@ class ModelEngine(Engine):
         self.last_exit: VmExit | None = None
         # host side
         self._kicked = False
-        self._wake = threading.Event()
         self._running = False
         self._entries = 0
         self._closed = False
@@ -305,8 +304,9 @@ class ModelEngine(Engine):
         self._irq_lines[line] = level
 
     def kick(self) -> None:
+        # Called from signal handlers too: it must take no lock (a handler that waits for a lock
+        # the interrupted main thread holds deadlocks), so it only sets a flag and stops Unicorn.
         self._kicked = True
-        self._wake.set()
         try:
             self.uc.emu_stop()
         except UcError:
@@ -542,8 +542,7 @@ class ModelEngine(Engine):
         """The HLT activity state: wait for an event; False when the host kicked instead."""
         # Interrupt delivery is not modelled (no interrupt controller), so only the host ends it.
         while not self._kicked:
-            self._wake.wait(0.05)
-            self._wake.clear()
+            time.sleep(0.002)  # a host signal's handler sets the flag; no lock is shared with it
         return False
 
     def _start_watcher(self) -> None:
