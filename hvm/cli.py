@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_sub.add_parser("list", help="list the experiments")
     lab_run = lab_sub.add_parser("run", help="run one experiment")
     lab_run.add_argument("name", help="experiment name (see: hvm lab list)")
-    lab_run.add_argument("--engine", default="both", choices=["kvm", "model", "both"])
+    lab_run.add_argument("--engine", default="both", choices=["kvm", "model", "trap", "both"])
     lab_run.add_argument("--json", metavar="PATH", help="write the rows as JSON ('-' for stdout)")
     lab_run.add_argument("--quick", action="store_true", help="the experiment's small parameters")
     lab_run.add_argument(
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lab_rep = lab_sub.add_parser("report", help="run every experiment and write report.md/.html with plots")
     lab_rep.add_argument("--out", default="lab-out", metavar="DIR")
-    lab_rep.add_argument("--engine", default="both", choices=["kvm", "model", "both"])
+    lab_rep.add_argument("--engine", default="both", choices=["kvm", "model", "trap", "both"])
     lab_rep.add_argument("--quick", action="store_true", help="every experiment's small parameters")
 
     info = sub.add_parser("info", help="host capabilities and architectural tables")

@@ -96,6 +96,10 @@ GUESTS: dict[str, str] = {
         "(design=pio|mmio|coalesced|dirty r=N w=N cpl=0|3, default pio 1000000 30000 3), "
         "then one 'iobench ...' summary line; C, see src/iobench.c"
     ),
+    "trapkern": "interrupt-toggling guest kernel: CLI/STI/POPF, CR0/CR3/CR4, RDMSR/WRMSR, paging, "
+    "long mode, INVLPG, #UD/#DE through its IDT and IRETQ ('swint': also int 0x30)",
+    "redpill": "detects trap-and-emulate: SGDT/SIDT base, SMSW against CR0, POPF keeping IF; "
+    "prints the evidence per probe and 'redpill: virtualized' or 'redpill: not detected'",
 }
 """Guest name -> what it does."""
 
@@ -109,6 +113,8 @@ GUEST_FORMAT: dict[str, str] = {
     "realmode": "flat16",
     "longmode": "flat64",
     "iobench": "multiboot",
+    "trapkern": "multiboot",
+    "redpill": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16`` or ``flat64``."""
 

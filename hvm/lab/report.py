@@ -78,7 +78,7 @@ def write_markdown(path: Path, sections: list[Section]) -> None:
         lines += [f"> {f.quote} ({f.section})" for f in exp.figures]
         lines.append("")
         if sec.rows:
-            keys = [k for k, v in sec.rows[0].items() if not isinstance(v, dict)]
+            keys = [k for k, v in sec.rows[0].items() if not isinstance(v, (dict, list))]
             lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             lines += ["| " + " | ".join(_cell(r.get(k)) for k in keys) + " |" for r in sec.rows]
             lines.append("")
@@ -120,7 +120,7 @@ def write_html(path: Path, sections: list[Section]) -> None:
         parts.append("</table>")
         parts += [f"<blockquote>{e(f.quote)} ({e(f.section)})</blockquote>" for f in exp.figures]
         if sec.rows:
-            keys = [k for k, v in sec.rows[0].items() if not isinstance(v, dict)]
+            keys = [k for k, v in sec.rows[0].items() if not isinstance(v, (dict, list))]
             parts.append("<table><tr>" + "".join(f"<th>{e(k)}</th>" for k in keys) + "</tr>")
             for r in sec.rows:
                 parts.append("<tr>" + "".join(f"<td>{e(_cell(r.get(k)))}</td>" for k in keys) + "</tr>")
