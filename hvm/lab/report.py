@@ -44,6 +44,9 @@ def build(
     for name in names or list(EXPERIMENTS):
         exp = EXPERIMENTS[name]
         params: dict[str, Any] = dict(exp.quick) if quick else {}
+        if engine != "both" and engine not in exp.engines:
+            sections.append(Section(exp, [], [], []))  # shown as "no engine ran"
+            continue
         rows = run_experiment(name, engine, params, progress)
         (out_dir / f"{name}.json").write_text(json.dumps({"experiment": name, "rows": rows}, indent=2))
         sections.append(Section(exp, rows, exp.compare(rows), exp.plot(rows, out_dir) if rows else []))
