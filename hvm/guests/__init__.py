@@ -100,6 +100,8 @@ GUESTS: dict[str, str] = {
     "long mode, INVLPG, #UD/#DE through its IDT and IRETQ ('swint': also int 0x30)",
     "redpill": "detects trap-and-emulate: SGDT/SIDT base, SMSW against CR0, POPF keeping IF; "
     "prints the evidence per probe and 'redpill: virtualized' or 'redpill: not detected'",
+    "tscread": "N (n=N, default 4) RDTSC reads, then N RDTSCP reads if CPUID has it, each 64-bit value "
+    "written as two 32-bit OUTs to port 0x530 (RDTSC) or 0x538 (RDTSCP); then 'tscread done N'",
 }
 """Guest name -> what it does."""
 
@@ -115,6 +117,7 @@ GUEST_FORMAT: dict[str, str] = {
     "iobench": "multiboot",
     "trapkern": "multiboot",
     "redpill": "multiboot",
+    "tscread": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16`` or ``flat64``."""
 

@@ -12,12 +12,13 @@ from hvm.lab.base import Experiment, Progress, Row, no_progress
 
 
 def _registry() -> dict[str, Experiment]:
-    from hvm.lab import io_exits, popek_goldberg, trap_emulate
+    from hvm.lab import io_exits, popek_goldberg, trap_emulate, tsc
 
     return {e.name: e for e in (
         io_exits.EXPERIMENT,
         popek_goldberg.EXPERIMENT,
         trap_emulate.EXPERIMENT,
+        tsc.EXPERIMENT,
     )}
 
 
