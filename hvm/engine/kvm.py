@@ -267,6 +267,29 @@ class KvmEngine(Engine):
         _U32.pack_into(mm, off, first)  # userspace consumes at 'first'; the kernel produces at 'last'
         return out
 
+    def filter_msr_writes(self, msrs: list[int], reads: bool = False) -> bool:
+        """Send the guest's WRMSR (and with ``reads`` RDMSR) of ``msrs`` to userspace.
+
+        Enables KVM_CAP_X86_USER_SPACE_MSR with KVM_MSR_EXIT_REASON_FILTER and installs a
+        KVM_X86_SET_MSR_FILTER (default allow) whose ranges deny exactly these MSRs: such an
+        access becomes KVM_EXIT_X86_WRMSR/RDMSR with reason FILTER. False if KVM refuses either.
+        """
+        if len(msrs) > S.KVM_MSR_FILTER_MAX_RANGES or not self._has(
+            K.CAPABILITIES["KVM_CAP_X86_USER_SPACE_MSR"]
+        ) or not self._has(K.CAPABILITIES["KVM_CAP_X86_MSR_FILTER"]):
+            return False
+        deny = (ctypes.c_uint8 * 1)(0)  # one MSR per range, its bit 0 clear: denied
+        flt = S.kvm_msr_filter(flags=K.KVM_MSR_FILTER_DEFAULT_ALLOW)
+        for rng, msr in zip(flt.ranges, msrs, strict=False):
+            rng.flags = K.KVM_MSR_FILTER_WRITE | (K.KVM_MSR_FILTER_READ if reads else 0)
+            rng.nmsrs, rng.base, rng.bitmap = 1, msr, ctypes.addressof(deny)
+        try:
+            self.vm.enable_cap(K.CAPABILITIES["KVM_CAP_X86_USER_SPACE_MSR"], K.KVM_MSR_EXIT_REASON_FILTER)
+            self.vm.set_msr_filter(flt)
+        except K.KvmError:
+            return False
+        return True
+
     def set_irq(self, line: int, level: bool) -> None:
         self.vm.irq_line(line, int(level))
 

@@ -102,6 +102,8 @@ GUESTS: dict[str, str] = {
     "prints the evidence per probe and 'redpill: virtualized' or 'redpill: not detected'",
     "tscread": "N (n=N, default 4) RDTSC reads, then N RDTSCP reads if CPUID has it, each 64-bit value "
     "written as two 32-bit OUTs to port 0x530 (RDTSC) or 0x538 (RDTSCP); then 'tscread done N'",
+    "syscalls": "N (n=N, default 10000) 'system calls' at CPL 0, each a WRMSR of IA32_TSC_AUX with the "
+    "call's number; then 'rdtscp yes|no', 'tsc_aux V' (RDTSCP or RDMSR) and 'syscalls done N'",
 }
 """Guest name -> what it does."""
 
@@ -118,6 +120,7 @@ GUEST_FORMAT: dict[str, str] = {
     "trapkern": "multiboot",
     "redpill": "multiboot",
     "tscread": "multiboot",
+    "syscalls": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16`` or ``flat64``."""
 

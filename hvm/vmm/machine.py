@@ -81,6 +81,9 @@ class Machine:
         self._deadline: float | None = None
         self._coalesced = False
         self.coalesced_writes = 0  # guest writes buffered by the engine, delivered without an exit
+        #: The VMM's MSR emulation for RDMSR/WRMSR exits: returns True when it handled the exit
+        #: (completing an RDMSR through engine.complete_read); otherwise the access counts as unhandled.
+        self.msr_handler: Callable[[Exit], bool] | None = None
         self.entry_state: CpuState | None = None
 
     # --- set-up ------------------------------------------------------------------------
@@ -258,6 +261,8 @@ class Machine:
                 return EXIT_OK, "guest halted with interrupts disabled"
             return None
         if kind in (ExitKind.RDMSR, ExitKind.WRMSR):
+            if self.msr_handler is not None and self.msr_handler(ex):
+                return None
             self.ledger.unhandled(kind)
             if kind is ExitKind.RDMSR:
                 self.engine.complete_read(bytes(8))
