@@ -70,6 +70,8 @@ _ACCESSED = 1 << 8
 _DIRTY = 1 << 9  # leaves only
 _ADDRESS_51_12 = ((1 << 52) - 1) & ~0xFFF
 _PAGE_SIZE = {1: PAGE_4K, 2: PAGE_2M, 3: PAGE_1G}  # page size of a leaf at each level
+# Permission bits as plain ints (IntFlag arithmetic is slow on the translation path).
+_R, _W, _X, _USER_X = int(EptPerm.READ), int(EptPerm.WRITE), int(EptPerm.EXECUTE), int(EptPerm.USER_EXECUTE)
 
 
 def _index(gpa: int, level: int) -> int:
@@ -153,29 +155,59 @@ EptResult = EptTranslation | EptViolation | EptMisconfig
 
 def _misconfiguration(entry: int, level: int, caps: VmxCapabilities) -> str | None:
     """Why a present entry is an EPT misconfiguration, or None (SDM 29.3.3.1)."""
+    execute_only_ok, reserved_by_level = _caps_rules(caps)
     rwx = entry & _PRESENT
     # SDM 29.3.3.1: bits 2:0 = 010b or 110b (writable but not readable).
-    if rwx & EptPerm.WRITE and not rwx & EptPerm.READ:
+    if rwx & _W and not rwx & _R:
         return "write permission without read permission"
     # SDM 29.3.3.1: bits 2:0 = 100b (execute-only) where IA32_VMX_EPT_VPID_CAP[0] = 0.
-    if rwx == EptPerm.EXECUTE and not caps.ept_vpid_cap & EptVpidCap.EXECUTE_ONLY:
+    if rwx == _X and not execute_only_ok:
         return "execute-only entry, which this processor does not support"
-    reserved = _ADDRESS_51_12 & ~((1 << caps.phys_addr_width) - 1)  # SDM 29.3.2: bits 51:N
-    large = bool(entry & _LARGE)
-    if level >= 4:
-        reserved |= 0xF8  # SDM 29.3.2: PML5E/PML4E bits 7:3
-    elif level == 3 and large and caps.ept_vpid_cap & EptVpidCap.PDPTE_1G:
-        reserved |= (PAGE_1G - 1) & ~0xFFF  # SDM 29.3.2: 1-GByte PDPTE bits 29:12
-    elif level == 2 and large and caps.ept_vpid_cap & EptVpidCap.PDE_2M:
-        reserved |= (PAGE_2M - 1) & ~0xFFF  # SDM 29.3.2: 2-MByte PDE bits 20:12
-    elif level in (2, 3):
-        reserved |= 0xF8  # SDM 29.3.2: non-leaf PDPTE/PDE bits 6:3 (and bit 7 without large pages)
+    large = entry & _LARGE
+    reserved = reserved_by_level[min(level, 4)][1 if large else 0]
     if entry & reserved:
         return f"reserved bits {entry & reserved:#x} set"
     # SDM 29.3.3.1: a leaf's memory type (bits 5:3) must not be 2, 3 or 7.
     if (level == 1 or large) and entry >> _MEMTYPE_SHIFT & 7 in (2, 3, 7):
         return f"reserved memory type {entry >> _MEMTYPE_SHIFT & 7}"
     return None
+
+
+_CAPS_RULES: dict[int, tuple[VmxCapabilities, tuple[bool, tuple[tuple[int, int], ...]]]] = {}
+
+
+def _caps_rules(caps: VmxCapabilities) -> tuple[bool, tuple[tuple[int, int], ...]]:
+    """Execute-only allowed, and per level (index 1-4; 5 reads as 4) the reserved bits of an entry
+    with bit 7 clear and with bit 7 set (SDM 29.3.2), for ``caps``; computed once per caps object."""
+    cached = _CAPS_RULES.get(id(caps))
+    if cached is not None and cached[0] is caps:
+        return cached[1]
+    cap = caps.ept_vpid_cap
+    high = _ADDRESS_51_12 & ~((1 << caps.phys_addr_width) - 1)  # SDM 29.3.2: bits 51:N
+    table = high | 0xF8  # SDM 29.3.2: PML5E/PML4E bits 7:3; non-leaf PDPTE/PDE bits 6:3 (and 7)
+    pdpte_1g = high | ((PAGE_1G - 1) & ~0xFFF) if cap & EptVpidCap.PDPTE_1G else table  # 1-GByte: 29:12
+    pde_2m = high | ((PAGE_2M - 1) & ~0xFFF) if cap & EptVpidCap.PDE_2M else table  # 2-MByte: 20:12
+    # Level 1 (a PTE): only bits 51:N; its bit 7 is ignored.
+    rules = (bool(cap & EptVpidCap.EXECUTE_ONLY),
+             ((0, 0), (high, high), (table, pde_2m), (table, pdpte_1g), (table, table)))
+    if len(_CAPS_RULES) > 16:
+        _CAPS_RULES.clear()
+    _CAPS_RULES[id(caps)] = (caps, rules)
+    return rules
+
+
+_EPTPS: dict[int, tuple[int, int, bool]] = {}
+
+
+def _eptp_fields(eptp: int) -> tuple[int, int, bool]:
+    """(root, levels, accessed/dirty enabled) of an EPTP, checked as :meth:`Eptp.decode` checks it."""
+    fields = _EPTPS.get(eptp)
+    if fields is None:
+        pointer = Eptp.decode(eptp)
+        if len(_EPTPS) > 64:
+            _EPTPS.clear()
+        fields = _EPTPS[eptp] = (pointer.root, pointer.levels, pointer.accessed_dirty)
+    return fields
 
 
 def ept_translate(
@@ -192,47 +224,49 @@ def ept_translate(
     ``paging_structure`` marks the processor's own accesses to guest
     paging-structure entries (the inner steps of a 2-D walk).
     """
-    if gpa < 0 or gpa >> caps.phys_addr_width:
+    width = caps.phys_addr_width
+    if gpa < 0 or gpa >> width:
         raise ValueError(f"GPA {gpa:#x} beyond the physical-address width")
-    pointer = Eptp.decode(eptp)
-    if paging_structure and pointer.accessed_dirty:
+    table, levels, accessed_dirty = _eptp_fields(eptp)
+    wanted = int(access)
+    if paging_structure and accessed_dirty:
         # SDM 29.3.3.2 / 28.2.1: with EPT A/D flags on, guest paging-structure accesses count as writes
         # (an EPT violation then reports both bit 0 and bit 1).
-        access = EptAccess.READ | EptAccess.WRITE
-    address_mask = _ADDRESS_51_12 & ((1 << caps.phys_addr_width) - 1)
-    table = pointer.root
-    permissions = EptPerm(_PRESENT | EptPerm.USER_EXECUTE)
-    used: list[tuple[int, int]] = []
-    for level in range(pointer.levels, 0, -1):
-        address = table + _index(gpa, level) * 8
+        wanted = _R | _W
+    address_mask = _ADDRESS_51_12 & ((1 << width) - 1)
+    permissions = _PRESENT | _USER_X
+    addresses: list[int] = []
+    entries: list[int] = []
+    for level in range(levels, 0, -1):
+        address = table + (gpa >> (3 + 9 * level) & 0x1FF) * 8  # _index(gpa, level)
         entry = mem.read_u64(address)
-        used.append((address, entry))
-        refs = tuple(a for a, _ in used)
+        addresses.append(address)
+        entries.append(entry)
         # SDM 29.3.3.2: qualification bits 3-6 are the AND of each entry's bits along the walk.
         permissions &= entry
         # SDM 29.3.2: an entry with bits 2:0 = 000b is not present: EPT violation.
         if not entry & _PRESENT:
-            return EptViolation(gpa, access, permissions, refs)
+            return EptViolation(gpa, EptAccess(wanted), EptPerm(permissions), tuple(addresses))
         reason = _misconfiguration(entry, level, caps)
         if reason is not None:
-            return EptMisconfig(gpa, address, entry, reason, refs)
+            return EptMisconfig(gpa, address, entry, reason, tuple(addresses))
         if level == 1 or entry & _LARGE:
             break
         table = entry & address_mask
     # SDM 29.3.3.2: the access violates EPT if some entry along the walk withholds the permission it needs.
     # (EptAccess READ/WRITE/FETCH have the values of EptPerm READ/WRITE/EXECUTE.)
-    if int(access) & ~int(permissions) & _PRESENT:
-        return EptViolation(gpa, access, permissions, refs)
-    if pointer.accessed_dirty:
-        _set_accessed_dirty(mem, used, write=EptAccess.WRITE in access)
+    if wanted & ~permissions & _PRESENT:
+        return EptViolation(gpa, EptAccess(wanted), EptPerm(permissions), tuple(addresses))
+    if accessed_dirty:
+        _set_accessed_dirty(mem, list(zip(addresses, entries, strict=True)), write=bool(wanted & _W))
     page_size = _PAGE_SIZE[level]
     return EptTranslation(
         hpa=entry & address_mask & ~(page_size - 1) | gpa & (page_size - 1),
         page_size=page_size,
-        permissions=permissions,
+        permissions=EptPerm(permissions),
         memory_type=MemoryType(entry >> _MEMTYPE_SHIFT & 7),
         ignore_pat=bool(entry & _IGNORE_PAT),
-        refs=refs,
+        refs=tuple(addresses),
     )
 
 

@@ -44,6 +44,10 @@ _A = 1 << 5  # accessed
 _D = 1 << 6  # dirty (leaves)
 _PS = 1 << 7  # page size (PDE, PDPTE)
 _XD = 1 << 63  # execute-disable (PAE, 4-level, 5-level)
+# Register bits and error-code bits as plain ints: IntFlag arithmetic is slow on this hot path.
+_CR0_PG, _CR0_WP = int(Cr0.PG), int(Cr0.WP)
+_CR4_PSE, _CR4_PAE, _CR4_LA57 = int(Cr4.PSE), int(Cr4.PAE), int(Cr4.LA57)
+_EFER_LMA, _EFER_NXE = int(Efer.LMA), int(Efer.NXE)
 
 
 class PagingMode(IntEnum):
@@ -70,15 +74,19 @@ class PfError(IntFlag):
     FETCH = 1 << 4  # I/D: an instruction fetch (with PAE-based paging and IA32_EFER.NXE = 1)
 
 
+_PF_PRESENT, _PF_WRITE, _PF_USER = int(PfError.PRESENT), int(PfError.WRITE), int(PfError.USER)
+_PF_RSVD, _PF_FETCH = int(PfError.RSVD), int(PfError.FETCH)
+
+
 def paging_mode(cr0: int, cr4: int, efer: int) -> PagingMode:
     """SDM 4.1.1, table "Paging Modes"."""
-    if not cr0 & Cr0.PG:
+    if not cr0 & _CR0_PG:
         return PagingMode.NONE
-    if not cr4 & Cr4.PAE:
+    if not cr4 & _CR4_PAE:
         return PagingMode.BITS32
-    if not efer & Efer.LMA:
+    if not efer & _EFER_LMA:
         return PagingMode.PAE
-    return PagingMode.LEVEL5 if cr4 & Cr4.LA57 else PagingMode.LEVEL4
+    return PagingMode.LEVEL5 if cr4 & _CR4_LA57 else PagingMode.LEVEL4
 
 
 @dataclass(frozen=True)
@@ -166,22 +174,19 @@ def translate(
     The caller has already done segmentation and the canonical-address check;
     a non-canonical ``la`` raises ValueError.
     """
-    mode = regs.mode
+    cr0, cr4, efer = regs.cr0, regs.cr4, regs.efer
+    mode = paging_mode(cr0, cr4, efer)
     if mode is PagingMode.NONE:
         return Translation(la, PAGE_4K, ())
-    nxe = mode is not PagingMode.BITS32 and bool(regs.efer & Efer.NXE)
+    nxe = mode is not PagingMode.BITS32 and bool(efer & _EFER_NXE)
+    write, fetch = access is Access.WRITE, access is Access.FETCH
     # SDM 4.7: W/R, U/S and I/D describe the access (I/D only when execute-disable is enabled).
-    base_error = PfError(
-        (PfError.WRITE if access is Access.WRITE else 0)
-        | (PfError.USER if user else 0)
-        | (PfError.FETCH if access is Access.FETCH and nxe else 0)
-    )
+    base_error = (_PF_WRITE if write else 0) | (_PF_USER if user else 0) | (_PF_FETCH if fetch and nxe else 0)
     if mode is PagingMode.BITS32:
         # SDM 4.3: CR3 bits 31:12 locate the page directory; 4-byte entries; 4-MByte pages if CR4.PSE.
         if la >> 32:
             raise ValueError(f"linear address {la:#x} wider than 32 bits")
-        table, size, index_bits = regs.cr3 & _mask(31, 12), 4, 10
-        levels = [_Level(22, PAGE_4M if regs.cr4 & Cr4.PSE else 0), _Level(12, 0)]
+        table = regs.cr3 & _mask(31, 12)
     elif mode is PagingMode.PAE:
         # SDM 4.4.2: PDPTE register i (i = linear-address bits 31:30) locates the page directory.
         if la >> 32:
@@ -190,63 +195,96 @@ def translate(
             raise ValueError("PAE paging needs the four PDPTEs (PagingRegs.pdptes)")
         pdpte = regs.pdptes[la >> 30 & 3]
         if not pdpte & _P:
-            return PageFault(base_error, ())
-        table, size, index_bits = pdpte & _mask(maxphyaddr - 1, 12), 8, 9
-        levels = [_Level(21, PAGE_2M), _Level(12, 0)]
+            return PageFault(PfError(base_error), ())
+        table = pdpte & _mask(maxphyaddr - 1, 12)
     else:
         # SDM 4.5: canonical = bits 63:48 (63:57 with 5-level paging) copy the top translated bit.
         width = 57 if mode is PagingMode.LEVEL5 else 48
         top = la >> (width - 1)
         if top not in (0, (1 << (65 - width)) - 1):
             raise ValueError(f"linear address {la:#x} is not canonical")
-        table, size, index_bits = regs.cr3 & _mask(maxphyaddr - 1, 12), 8, 9
-        levels = [_Level(30, PAGE_1G), _Level(21, PAGE_2M), _Level(12, 0)]
-        levels[:0] = [_Level(39, 0)] if width == 48 else [_Level(48, 0), _Level(39, 0)]
+        table = regs.cr3 & _mask(maxphyaddr - 1, 12)
+    levels, size, index_mask, address_mask = _walk_plan(mode, bool(cr4 & _CR4_PSE), nxe, maxphyaddr)
 
-    used: list[tuple[int, int]] = []
-    writable = user_ok = True
-    execute_disabled = False
-    for depth, level in enumerate(levels):
-        address = table + (la >> level.shift & ((1 << index_bits) - 1)) * size
+    addresses: list[int] = []
+    entries: list[int] = []
+    rights = _RW | _US  # SDM 4.6: access rights are the AND over all entries ...
+    any_xd = 0  # ... and execute-disable the OR
+    last = len(levels) - 1
+    for depth, (shift, large_page, reserved, reserved_large) in enumerate(levels):
+        address = table + (la >> shift & index_mask) * size
         entry = _read_entry(mem, address, size)
-        used.append((address, entry))
-        refs = tuple(a for a, _ in used)
+        addresses.append(address)
+        entries.append(entry)
         if not entry & _P:
-            return PageFault(base_error, refs)  # SDM 4.7: P = 0, a non-present page
-        large = bool(level.large_page) and bool(entry & _PS)
-        if entry & _reserved_bits(mode, depth, len(levels), large, nxe, maxphyaddr):
-            return PageFault(base_error | PfError.PRESENT | PfError.RSVD, refs)  # SDM 4.7: RSVD
-        writable &= bool(entry & _RW)  # SDM 4.6: access rights are the AND over all entries
-        user_ok &= bool(entry & _US)
-        execute_disabled |= nxe and bool(entry & _XD)
-        if large or depth == len(levels) - 1:
-            page_size = level.large_page if large else PAGE_4K
+            return PageFault(PfError(base_error), tuple(addresses))  # SDM 4.7: P = 0, a non-present page
+        large = large_page and entry & _PS
+        if entry & (reserved_large if large else reserved):
+            return PageFault(PfError(base_error | _PF_PRESENT | _PF_RSVD), tuple(addresses))  # SDM 4.7: RSVD
+        rights &= entry
+        any_xd |= entry
+        if large or depth == last:
+            page_size = large_page if large else PAGE_4K
             break
-        table = entry & _mask(31 if mode is PagingMode.BITS32 else maxphyaddr - 1, 12)
+        table = entry & address_mask
+    refs = tuple(addresses)
 
     # SDM 4.6: user-mode accesses need U/S = 1 everywhere; writes need R/W = 1 everywhere for user
     # mode, and for supervisor mode when CR0.WP = 1; fetches need XD = 0 everywhere (when NXE = 1).
     if (
-        (user and not user_ok)
-        or (access is Access.WRITE and not writable and (user or regs.cr0 & Cr0.WP))
-        or (access is Access.FETCH and execute_disabled)
+        (user and not rights & _US)
+        or (write and not rights & _RW and (user or cr0 & _CR0_WP))
+        or (fetch and nxe and any_xd & _XD)
     ):
-        return PageFault(base_error | PfError.PRESENT, refs)
+        return PageFault(PfError(base_error | _PF_PRESENT), refs)
 
     # SDM 4.8: set the accessed flag of every entry used, and the dirty flag of the leaf for a write.
-    for i, (address, entry) in enumerate(used):
-        updated = entry | _A | (_D if access is Access.WRITE and i == len(used) - 1 else 0)
+    leaf_index = len(entries) - 1
+    for i, entry in enumerate(entries):
+        updated = entry | _A | (_D if write and i == leaf_index else 0)
         if updated != entry:
-            _write_entry(mem, address, size, updated)
+            _write_entry(mem, addresses[i], size, updated)
 
-    leaf = used[-1][1]
+    leaf = entries[leaf_index]
     if mode is PagingMode.BITS32 and page_size == PAGE_4M:
         # SDM 4.3, table "Format of a 32-Bit Page-Directory Entry that Maps a 4-MByte Page":
         # bits 31:22 are address bits 31:22, bits 20:13 address bits 39:32 (PSE-36).
         frame = leaf & _mask(31, 22) | (leaf >> 13 & 0xFF) << 32
     else:
-        frame = leaf & _mask(31 if mode is PagingMode.BITS32 else maxphyaddr - 1, 12) & ~(page_size - 1)
+        frame = leaf & address_mask & ~(page_size - 1)
     return Translation(frame | la & (page_size - 1), page_size, refs)
+
+
+# One level of a walk: (shift of its index, page size a PS=1 entry maps there or 0, reserved bits
+# of an entry that points to a table or maps a 4-KiB page, reserved bits of a PS=1 entry).
+_Plan = tuple[tuple[tuple[int, int, int, int], ...], int, int, int]
+_PLANS: dict[tuple[PagingMode, bool, bool, int], _Plan] = {}
+
+
+def _walk_plan(mode: PagingMode, pse: bool, nxe: bool, maxphyaddr: int) -> _Plan:
+    """The levels of a walk in ``mode`` (SDM 4.3-4.5), entry size, index mask, table-address mask."""
+    key = (mode, pse and mode is PagingMode.BITS32, nxe, maxphyaddr)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    if mode is PagingMode.BITS32:
+        shape = [_Level(22, PAGE_4M if pse else 0), _Level(12, 0)]
+        size, index_mask, address_mask = 4, 0x3FF, _mask(31, 12)
+    else:
+        size, index_mask, address_mask = 8, 0x1FF, _mask(maxphyaddr - 1, 12)
+        if mode is PagingMode.PAE:
+            shape = [_Level(21, PAGE_2M), _Level(12, 0)]
+        else:
+            shape = [_Level(30, PAGE_1G), _Level(21, PAGE_2M), _Level(12, 0)]
+            shape[:0] = [_Level(39, 0)] if mode is PagingMode.LEVEL4 else [_Level(48, 0), _Level(39, 0)]
+    levels = tuple(
+        (level.shift, level.large_page,
+         _reserved_bits(mode, depth, len(shape), False, nxe, maxphyaddr),
+         _reserved_bits(mode, depth, len(shape), True, nxe, maxphyaddr) if level.large_page else 0)
+        for depth, level in enumerate(shape)
+    )
+    plan = _PLANS[key] = (levels, size, index_mask, address_mask)
+    return plan
 
 
 def _reserved_bits(mode: PagingMode, depth: int, levels: int, large: bool, nxe: bool, maxphyaddr: int) -> int:
