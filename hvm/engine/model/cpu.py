@@ -131,6 +131,8 @@ class UnicornCpu:
         self._crs = (ctypes.c_uint64 * 9).from_address(self._base + _CR)
         self._gprs = (ctypes.c_uint64 * 16).from_address(self._base + _REGS)
         self._rip = ctypes.c_uint64.from_address(self._base + _EIP)
+        self._tables_raw = b""
+        self._table_spans: tuple[tuple[int, int], ...] = ()
 
     def _verify_layout(self, size: int) -> tuple[int, int]:
         """Check the CPUX86State offsets with sentinels; returns the offsets of dr[0] and efer."""
@@ -224,6 +226,16 @@ class UnicornCpu:
         _, ibase, ilimit, _ = _SEG.unpack_from(self._view, _IDT)
         return ((gbase, glimit), (ibase, ilimit), seg_from_cache(*_SEG.unpack_from(self._view, _LDT)),
                 seg_from_cache(*_SEG.unpack_from(self._view, _TR)))
+
+    def table_spans(self) -> tuple[tuple[int, int], ...]:
+        """(first, last) byte of the GDT, IDT, LDT and TSS (base and base + limit of GDTR, IDTR,
+        LDTR and TR) as of the last :meth:`sync`: :meth:`tables` without building segments."""
+        raw = self._view[_LDT:_IDT + _SEG_SIZE].tobytes()  # LDTR, TR, GDTR, IDTR lie side by side
+        if raw != self._tables_raw:
+            bounds = (_SEG.unpack_from(raw, offset - _LDT)[1:3] for offset in (_GDT, _IDT, _LDT, _TR))
+            self._table_spans = tuple((base, base + limit) for base, limit in bounds)
+            self._tables_raw = raw
+        return self._table_spans
 
     # --- whole state -------------------------------------------------------------------
     def load(self, state: CpuState) -> None:

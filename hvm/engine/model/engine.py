@@ -13,6 +13,19 @@ when the model processor must act:
   or exits, :mod:`~hvm.engine.model.events`), or touches **MMIO** (an EPT violation on a
   guest-physical address with no RAM, which reaches the VMM as an ``mmio`` exit).
 
+A walk runs in Python only when Unicorn's TLB misses, and most misses repeat a walk already
+made (the engine flushes Unicorn's TLB more often than the SDM does): a successful guest walk is
+remembered with the paging-structure entries it read and reused while they hold the same values,
+so it is exactly the walk that would be made again (:meth:`ModelEngine._guest_walk`).
+
+An instruction that touches MMIO is replayed: it runs again with the MMIO page mapped to
+:data:`MMIO_WINDOW`, whose callbacks record its reads and writes, and a hook at the next
+instruction ends the pass (:meth:`ModelEngine._arm_stop`). A first pass finds the first read
+without data, which is the exit; once the VMM has supplied it, the last pass runs on into the
+guest, and each write is an exit of its own. No TLB entry may reach the window outside a pass.
+Where the hook is already in place, the first pass starts at the failed translation itself,
+inside the guest's run (:meth:`ModelEngine._mmio_in_run`).
+
 ``run()`` is VM entry: it completes the previous exit as a KVM-like hypervisor would (the
 data ``complete_read`` supplied, RIP past the instruction), checks and loads what the VMM wrote
 into the VMCS (:mod:`~hvm.engine.model.vmcs`), injects pending events, and resumes the guest
@@ -123,12 +136,25 @@ WATCH_INTERVAL = 0.02  # without our signal wakeup fd: how long an emulation run
 MMIO_WINDOW = 0x7F_0000_0000  # host-physical page where Unicorn sees the MMIO page being emulated
 _PAGE_MASK = ~(PAGE - 1)
 _ACCESS = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
-_EPT_ACCESS = {Access.READ: EptAccess.READ, Access.WRITE: EptAccess.WRITE, Access.FETCH: EptAccess.FETCH}
+# EPT access and permission bits as plain ints: IntFlag arithmetic is slow on the translation path.
+_EPT_R, _EPT_W, _EPT_X = int(EptPerm.READ), int(EptPerm.WRITE), int(EptPerm.EXECUTE)
+_EPT_RWX = _EPT_R | _EPT_W | _EPT_X
+_EPT_ACCESS = {Access.READ: int(EptAccess.READ), Access.WRITE: int(EptAccess.WRITE),
+               Access.FETCH: int(EptAccess.FETCH)}
+_ENABLE_EPT, _ENABLE_VPID = int(ProcBased2.ENABLE_EPT), int(ProcBased2.ENABLE_VPID)
+_WALK_CACHE = 4096  # guest page walks remembered, keyed by (linear page, access, user)
+_STOP_HOOKS = 64  # hooks kept at instructions that follow an MMIO access (see _arm_stop)
+_STOP_IDLE = 256  # a stop hook that fires this often outside MMIO replays is removed
 _CR_REGS = {0: R.UC_X86_REG_CR0, 3: R.UC_X86_REG_CR3, 4: R.UC_X86_REG_CR4, 8: R.UC_X86_REG_CR8}
 _EPT_POOL_PAGES = 64
 _DECODE_CACHE = 4096  # decoded sensitive instructions kept, keyed by (address, mode, bytes)
 _UNDECODED = object()
 _EPT_DIRTY = 1 << 9  # SDM 29.3.5: bit 9 of an EPT leaf entry, the dirty flag
+# SDM 28.2.1, table "Exit Qualification for EPT Violations": an MMIO read or write, the guest-physical
+# address not readable, writable or executable, the linear address valid and translated.
+_MMIO_READ_QUALIFICATION, _MMIO_WRITE_QUALIFICATION = (EptViolationQualification(
+    read=not write, write=write, fetch=False, readable=False, writable=False, executable=False,
+    gla_valid=True, linear_translation=True).encode() for write in (False, True))
 
 
 class EptExit(Exception):
@@ -148,19 +174,25 @@ class _NotRam(Exception):
 
 
 class _GuestPhysical:
-    """Guest-physical memory for the guest's page walk: each entry access goes through EPT."""
+    """Guest-physical memory for the guest's page walk: each entry access goes through EPT.
+
+    ``read`` lists the host-physical addresses of the entries the walk read, in order.
+    """
 
     def __init__(self, engine: ModelEngine, la: int) -> None:
         self.engine = engine
         self.la = la
+        self.read: list[int] = []
 
     def read_u64(self, gpa: int) -> int:
-        return self.engine.host.read_u64(self._hpa(gpa, EptAccess.READ))
+        hpa = self._hpa(gpa, _EPT_R)
+        self.read.append(hpa)
+        return self.engine.host.read_u64(hpa)
 
     def write_u64(self, gpa: int, value: int) -> None:
-        self.engine.host.write_u64(self._hpa(gpa, EptAccess.WRITE), value)
+        self.engine.host.write_u64(self._hpa(gpa, _EPT_W), value)
 
-    def _hpa(self, gpa: int, access: EptAccess) -> int:
+    def _hpa(self, gpa: int, access: int) -> int:
         try:
             return self.engine._ept(gpa, access, la=self.la, paging_structure=True)[0]
         except _NotRam:
@@ -176,6 +208,7 @@ class _MmioStep:
     gpage: int
     linear: int  # linear address of the access's page
     rip: int
+    length: int = 0  # of the instruction
     reads: list[bytes] = field(default_factory=list)
     seen: int = 0  # reads answered in the current pass
     missing: tuple[int, int] | None = None  # (gpa, size) of the first read without data
@@ -232,7 +265,26 @@ class ModelEngine(Engine):
         self._pass_once: int | None = None
         self._entry_regs: dict[str, int] | None = None
         self._hook_error: BaseException | None = None
-        self._ept_cache: dict[int, tuple[int, EptPerm]] = {}
+        self._ept_cache: dict[int, tuple[int, int]] = {}  # guest-physical page -> (host page, EPT perms)
+        # Guest-physical pages outside RAM that EPT leaves unmapped (MMIO), with the EPT entries
+        # ((hpa, value), ...) whose values decided it.
+        self._ept_absent: dict[int, tuple[tuple[int, int], ...]] = {}
+        # Guest page walks: (linear page, access, user) -> (guest-physical page, ((hpa, entry), ...)),
+        # valid while paging registers are _walk_regs and each entry read still holds its value.
+        self._walks: dict[tuple[int, Access, bool], tuple[int, tuple[tuple[int, int], ...]]] = {}
+        self._walk_regs: tuple[int, int, int, int] | None = None
+        # MMIO replays: the step whose page Unicorn's TLB maps to the MMIO window, the hooks that stop
+        # a replay after its instruction (linear address -> [handle, firings outside replays]), the
+        # (stop address, host page of the instruction) pairs whose translated code carries the hook.
+        self._window_step: _MmioStep | None = None
+        self._stops: dict[int, list[int]] = {}
+        self._armed: set[tuple[int, int]] = set()
+        self._stop_at: int | None = None
+        self._resume: _MmioStep | None = None  # the step whose pass starts the coming run of the guest
+        self._in_run: _MmioStep | None = None  # the step whose first pass started in the guest's run
+        self._idle_stops: list[int] = []
+        self._replay_ctx = None  # a CPU context, reused for each replay
+        self._summaries: dict[tuple[int, int, bytes], tuple[int, bool, str] | None] = {}
         self._decoded: dict[tuple[int, int, bytes], object] = {}
         self._irq_lines: dict[int, bool] = {}
         # statistics
@@ -261,7 +313,7 @@ class ModelEngine(Engine):
     def set_state(self, state: CpuState) -> None:
         """The VMM writes the guest-state area (and the GPRs it keeps itself)."""
         self.vmcs.writeback()
-        self._pending = self._mmio = self._pass_once = None
+        self._pending = self._mmio = self._resume = self._in_run = self._pass_once = None
         self._queued.clear()
         self._inject.clear()
         self._halted = False
@@ -416,8 +468,14 @@ class ModelEngine(Engine):
     # --- services for the VMM (tests, the lab) ----------------------------------------------
     def invept(self) -> None:
         """INVEPT (all contexts): forget cached EPT translations (SDM Vol. 3C 29.4.3.1)."""
-        self._ept_cache.clear()
+        self._forget_ept()
         self._flush_tlb()
+
+    def _forget_ept(self) -> None:
+        """EPT may have changed: drop the EPT cache and the guest walks made through it."""
+        self._ept_cache.clear()
+        self._ept_absent.clear()
+        self._walks.clear()
 
     # --- VM entry ---------------------------------------------------------------------------
     def _vm_entry(self) -> Exit | None:
@@ -425,11 +483,21 @@ class ModelEngine(Engine):
             vmexit, exit_ = self._queued.pop(0)
             return self._record(vmexit, exit_)
         self._complete_pending()
+        vmcs = self.vmcs
+        self._resume = self._in_run = None
         if self._mmio is not None:
+            if not (vmcs.controls_written or vmcs.guest_written or vmcs.injection_written or self._inject
+                    or not self.latched.proc2 & _ENABLE_VPID):
+                # Nothing else to do at this entry: the step's pass starts the guest's run, and the
+                # guest goes on from the instruction's end without stopping (see _mmio_stop).
+                exit_ = self._mmio_arm()
+                if exit_ is not None:
+                    return exit_
+                self._resume = self._mmio
+                return None
             exit_ = self._mmio_execute()
             if exit_ is not None:
                 return exit_
-        vmcs = self.vmcs
         if vmcs.controls_written:
             try:
                 check_vm_entry_controls(vmcs)  # SDM 28.2.1: VMfailValid(7) on a bad control field
@@ -438,7 +506,7 @@ class ModelEngine(Engine):
                             detail=f"VM entry failed: {error}")
             self.latched = Latched.read(vmcs, self.host.view)
             vmcs.controls_written = False
-            self._ept_cache.clear()
+            self._forget_ept()
             self._flush_tlb()
         if vmcs.guest_written:
             regs = self._entry_regs or self.cpu.store().regs
@@ -503,12 +571,37 @@ class ModelEngine(Engine):
                 self._running = False
                 self._kicked = False
                 return Exit(ExitKind.INTR)
+            resume = self._resume
+            if resume is None or self._window_step is not resume:
+                self._unmap_window()
+            self.cpu.sync()
             try:
-                uc.emu_start(uc.reg_read(R.UC_X86_REG_RIP), 0)
+                uc.emu_start(self.cpu.rip, 0)
             except UcError as exc:
                 error = exc
             finally:
                 self._running = False
+            while self._idle_stops:
+                linear = self._idle_stops.pop()
+                if linear in self._stops:
+                    self._drop_stop(linear)
+            if self._in_run is not None:  # an MMIO step's first pass ended the run
+                self._in_run = None
+                exit_ = self._mmio_finish()
+                if exit_ is not None:
+                    return exit_
+                continue
+            if self._resume is not None:  # the step's pass ended the run: as after _mmio_execute
+                self._resume = None
+                exit_ = self._mmio_finish(resumed=error is None)
+                if exit_ is not None:
+                    return exit_
+                if self._mmio is not None:  # still to run: again, at once unless kicked
+                    exit_ = self._mmio_arm()
+                    if exit_ is not None:
+                        return exit_
+                    self._resume = self._mmio
+                continue
             if self._hook_error is not None:
                 exc, self._hook_error = self._hook_error, None
                 raise exc
@@ -524,7 +617,8 @@ class ModelEngine(Engine):
                 continue
             if self._mmio_hit is not None:
                 gpage, linear = self._mmio_hit
-                self._mmio = _MmioStep(gpage, linear, uc.reg_read(R.UC_X86_REG_RIP))
+                self.cpu.sync()
+                self._mmio = _MmioStep(gpage, linear, self.cpu.rip)
                 exit_ = self._mmio_execute()
                 if exit_ is not None:
                     return exit_
@@ -834,29 +928,45 @@ class ModelEngine(Engine):
             self._flush_tlb()
 
     # --- translation: guest paging, then EPT ------------------------------------------------
-    def _ept(self, gpa: int, access: EptAccess, *, la: int | None,
-             paging_structure: bool = False) -> tuple[int, EptPerm]:
-        """HPA of ``gpa`` and the page's EPT permissions; raises EptExit or _NotRam."""
-        if not self.latched.proc2 & ProcBased2.ENABLE_EPT:
+    def _ept(self, gpa: int, access: int, *, la: int | None,
+             paging_structure: bool = False) -> tuple[int, int]:
+        """HPA of ``gpa`` and the page's EPT permissions (EptPerm bits as an int) for ``access``
+        (EptAccess bits as an int); raises EptExit or _NotRam."""
+        if not self.latched.proc2 & _ENABLE_EPT:
             if not self.host.is_ram(gpa):
                 raise _NotRam(gpa)
-            return gpa, EptPerm.RWX
+            return gpa, _EPT_RWX
         page = gpa & _PAGE_MASK
         hit = self._ept_cache.get(page)
-        if hit is not None and not EptPerm(int(access)) & ~hit[1]:
+        if hit is not None and not access & ~hit[1]:
             return hit[0] | gpa & (PAGE - 1), hit[1]
+        absent = self._ept_absent.get(page)
+        if absent is not None:
+            read = self.host.read_u64
+            for hpa, value in absent:
+                if read(hpa) != value:
+                    del self._ept_absent[page]
+                    break
+            else:
+                raise _NotRam(gpa)
         eptp = self.latched.eptp
         try:
             result = ept_translate(self.host, eptp, gpa, access, paging_structure=paging_structure)
         except (ValueError, IndexError) as error:
             raise EptExit(self._ept_misconfig(gpa, f"EPT walk failed: {error}")) from None
         if isinstance(result, EptTranslation):
+            permissions = int(result.permissions)
             if not eptp >> 6 & 1:  # with EPT A/D flags every access must walk to set them
-                self._ept_cache[page] = (result.hpa & _PAGE_MASK, result.permissions)
-            return result.hpa, result.permissions
+                self._ept_cache[page] = (result.hpa & _PAGE_MASK, permissions)
+            return result.hpa, permissions
         if isinstance(result, EptMisconfig):
             raise EptExit(self._ept_misconfig(gpa, result.reason))
-        if not self.host.is_ram(gpa) and not result.permissions & EptPerm.RWX:
+        if not self.host.is_ram(gpa) and not result.permissions & _EPT_RWX:
+            # The same entries lead any later walk here to the same end (a violation sets no flags).
+            if len(self._ept_absent) >= _WALK_CACHE:
+                self._ept_absent.clear()
+            read = self.host.read_u64
+            self._ept_absent[page] = tuple((hpa, read(hpa)) for hpa in result.refs)
             raise _NotRam(gpa)
         qualification = result.qualification(gla_valid=la is not None,
                                               linear_translation=la is not None and not paging_structure)
@@ -871,11 +981,38 @@ class ModelEngine(Engine):
         return VmExit(ExitReason.EPT_MISCONFIG, info, Exit(ExitKind.EPT_MISCONFIG, addr=gpa, detail=detail))
 
     def _guest_walk(self, la: int, access: Access, user: bool) -> int:
-        """Linear -> guest-physical through the guest's page tables (call after cpu.sync())."""
+        """Linear -> guest-physical through the guest's page tables (call after cpu.sync()).
+
+        A successful walk is remembered with the host-physical address and value of every
+        paging-structure entry it read. The same walk (linear page, access, CPL 3 or not) under the
+        same CR0, CR3, CR4 and EFER, over entries that still hold those values, reads the same
+        entries, reaches the same guest-physical page and changes nothing (its accessed and dirty
+        flags are already set), so the result is reused after re-reading the entries. EPT, which
+        placed the entries in host memory, is the same until an INVEPT or a new EPTP or control
+        (:meth:`_forget_ept`). With EPT accessed and dirty flags on, each walk also sets flags in EPT
+        entries, so every walk is done in full.
+        """
         cpu = self.cpu
-        cr0, cr3, cr4, efer = cpu.cr(0), cpu.cr(3), cpu.cr(4), cpu.efer
+        cr0 = cpu.cr(0)
+        efer = cpu.efer
         if not cr0 & CR0_PG:
             return la if efer & EFER_LMA else la & 0xFFFF_FFFF
+        cr3, cr4 = cpu.cr(3), cpu.cr(4)
+        walks = self._walks
+        regs = (cr0, cr3, cr4, efer)
+        if regs != self._walk_regs:
+            walks.clear()
+            self._walk_regs = regs
+        key = (la >> 12, access, user)
+        hit = walks.get(key)
+        if hit is not None:
+            read = self.host.read_u64
+            for hpa, value in hit[1]:
+                if read(hpa) != value:
+                    del walks[key]
+                    break
+            else:
+                return hit[0] | la & (PAGE - 1)
         mem = _GuestPhysical(self, la)
         pdptes: tuple[int, ...] = ()
         if cr4 & CR4_PAE and not efer & EFER_LMA:
@@ -890,6 +1027,11 @@ class ModelEngine(Engine):
             raise Fault(GP, 0) from None  # a non-canonical address
         if isinstance(result, PageFault):
             raise Fault(PF, int(result.error_code), cr2=la)
+        if not (self.latched.proc2 & _ENABLE_EPT and self.latched.eptp >> 6 & 1):
+            if len(walks) >= _WALK_CACHE:
+                walks.clear()
+            read = self.host.read_u64
+            walks[key] = (result.address & _PAGE_MASK, tuple((hpa, read(hpa)) for hpa in mem.read))
         return result.address
 
     def _translate(self, la: int, access: Access) -> int:
@@ -916,10 +1058,12 @@ class ModelEngine(Engine):
 
     def _implicit_supervisor(self, la: int) -> bool:
         """Accesses to the GDT, LDT, IDT and TSS are supervisor accesses at any CPL (SDM Vol. 3A 4.6)."""
-        (gdt, glimit), (idt, ilimit), ldt, tr = self.cpu.tables()
         page = la & _PAGE_MASK
-        tables = ((gdt, glimit), (idt, ilimit), (ldt.base, ldt.limit), (tr.base, tr.limit))
-        return any(base <= page + PAGE - 1 and page <= base + limit for base, limit in tables)
+        last = page + PAGE - 1
+        for first, end in self.cpu.table_spans():
+            if first <= last and page <= end:
+                return True
+        return False
 
     def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _: object) -> bool:
         try:
@@ -933,11 +1077,43 @@ class ModelEngine(Engine):
                 self._exit = VmExit(ExitReason.EPT_VIOLATION, ExitInfo(int(ExitReason.EPT_VIOLATION)), Exit(
                     ExitKind.INTERNAL_ERROR, addr=where.gpa,
                     detail=f"instruction fetch from guest-physical {where.gpa:#x}, where there is no RAM"))
+            elif self._mmio_in_run(where.gpa & _PAGE_MASK, vaddr):
+                entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
+                return True
             else:
                 self._mmio_hit = (where.gpa & _PAGE_MASK, vaddr)
         except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start returns
             self._fail(exc)
         return False
+
+    def _mmio_in_run(self, gpage: int, vpage: int) -> bool:
+        """MMIO met by an instruction whose replays are armed (:meth:`_arm_stop`): its first pass
+        runs at once, in this run; True if the caller is to map the page to the window.
+
+        The fill comes before the instruction's first access to the page, with the CPU state
+        restored to the instruction's start (what the failed translation would leave for a
+        replay), so the pass is the replay the failed translation would lead to.
+        """
+        if self._mmio is not None or self._window_step is not None:
+            return False
+        cpu = self.cpu  # synced by the fill
+        rip = cpu.rip
+        linear_rip = self.segment_base(1) + rip
+        try:
+            insn = self._summary(linear_rip)
+        except (Fault, EptExit, _NotRam):
+            return False
+        if insn is None or insn[1]:
+            return False
+        next_linear = linear_rip + insn[0]
+        stop = self._stops.get(next_linear)
+        if stop is None or (next_linear, self.code.host_page(linear_rip & _PAGE_MASK)) not in self._armed:
+            return False
+        self.uc.context_update(self._replay_ctx)
+        stop[1] = 0
+        self._mmio = self._in_run = self._window_step = _MmioStep(gpage, vpage, rip, insn[0])
+        self._stop_at = next_linear
+        return True
 
     def _exact(self, vmexit: VmExit, vpage: int, access: int) -> VmExit:
         """Unicorn reports only the page of a missing translation; an EPT violation reports the
@@ -983,18 +1159,19 @@ class ModelEngine(Engine):
         step = self._mmio
         if step is not None and gpa & _PAGE_MASK == step.gpage:
             entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
+            self._window_step = step
             return True
         hpa, allowed = self._ept(gpa, _EPT_ACCESS[kind], la=vaddr)
         hpage = hpa & _PAGE_MASK
         if not self.host.is_ram(hpage):
             raise EptExit(self._ept_misconfig(gpa, f"maps to host-physical {hpage:#x}, outside host RAM"))
-        perms = UC_PROT_READ if allowed & EptPerm.READ else 0
+        perms = UC_PROT_READ if allowed & _EPT_R else 0
         # Only what the walks verified: without paging every access is allowed by the guest, and
         # with EPT dirty flags on, write permission only comes from a write (which set the flag).
         ad = bool(self.latched.eptp >> 6 & 1)
-        if allowed & EptPerm.WRITE and (kind is Access.WRITE or not (paging or ad)):
+        if allowed & _EPT_W and (kind is Access.WRITE or not (paging or ad)):
             perms |= UC_PROT_WRITE
-        if allowed & EptPerm.EXECUTE and (kind is Access.FETCH or not paging):
+        if allowed & _EPT_X and (kind is Access.FETCH or not paging):
             perms |= UC_PROT_EXEC
         vpage = vaddr & _PAGE_MASK
         if kind is Access.FETCH:
@@ -1016,6 +1193,12 @@ class ModelEngine(Engine):
 
     def _flush_tlb(self) -> None:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self._window_step = None
+
+    def _unmap_window(self) -> None:
+        """Before the guest runs outside an MMIO replay: no TLB entry may reach the MMIO window."""
+        if self._window_step is not None:
+            self._flush_tlb()
 
     def _page_bytes(self, hpage: int) -> bytes:
         return self.host.read(hpage, PAGE)
@@ -1024,12 +1207,22 @@ class ModelEngine(Engine):
     def _mmio_execute(self) -> Exit | None:
         """Run the instruction that touched MMIO once more; exit for its first unanswered read,
         or, once it completes, for each of its writes (SDM: each is an EPT-violation VM exit)."""
+        exit_ = self._mmio_arm()
+        if exit_ is not None:
+            return exit_
+        try:
+            self.uc.emu_start(self._mmio.rip, 0)
+        except UcError:
+            pass
+        return self._mmio_finish()
+
+    def _mmio_arm(self) -> Exit | None:
+        """Prepare a pass of the MMIO step: note the CPU state to undo it, stop after the instruction."""
         step = self._mmio
         uc = self.uc
-        cpu = self.cpu
-        cpu.sync()
+        self.cpu.sync()
         linear_rip = self.segment_base(1) + step.rip
-        insn = instruction_summary(self._instruction_bytes(linear_rip), linear_rip, cpu.code_bits)
+        insn = self._summary(linear_rip)
         if insn is None:
             self._mmio = None
             return Exit(ExitKind.INTERNAL_ERROR,
@@ -1038,28 +1231,37 @@ class ModelEngine(Engine):
             self._mmio = None
             return Exit(ExitKind.INTERNAL_ERROR, detail=f"model engine: MMIO through a control transfer "
                                                         f"({insn[2]}) is not supported")
-        saved = uc.context_save()
-        length = insn[0]
-        next_linear = linear_rip + length
-        handle = uc.hook_add(UC_HOOK_CODE, self._mmio_stop, None, next_linear, next_linear)
-        uc.ctl_remove_cache(linear_rip, next_linear + 1)
-        self._flush_tlb()
+        if self._replay_ctx is None:
+            self._replay_ctx = uc.context_save()
+        else:
+            uc.context_update(self._replay_ctx)
+        step.length = insn[0]
+        next_linear = linear_rip + step.length
+        self._arm_stop(linear_rip, next_linear)
+        if self._window_step is not step:
+            self._unmap_window()  # the window shows this step's page only
         step.seen, step.missing, step.writes = 0, None, []
         self._exit = self._event = self._mmio_hit = None
-        try:
-            uc.emu_start(step.rip, 0)
-        except UcError:
-            pass
-        finally:
-            uc.hook_del(handle)
-            uc.ctl_remove_cache(linear_rip, next_linear + 1)
-            self._flush_tlb()
+        self._stop_at = next_linear
+        return None
+
+    def _mmio_finish(self, resumed: bool = False) -> Exit | None:
+        """After a pass of the MMIO step: its exits, or None when the guest may go on.
+
+        ``resumed``: the pass ran as the start of the guest's run (see :meth:`_vm_entry`) and stopped
+        before the instruction for a host reason (a kick); the step then stays, to be run again.
+        """
+        self._stop_at = None
         if self._hook_error is not None:
             exc, self._hook_error = self._hook_error, None
             raise exc
+        step = self._mmio
+        uc = self.uc
+        saved = self._replay_ctx
         # Done when the next instruction was reached (a hook there may have stopped first: it
         # fires again when the guest resumes, so what it recorded is dropped).
-        done = uc.reg_read(R.UC_X86_REG_RIP) == step.rip + length and self._event is None
+        self.cpu.sync()
+        done = self.cpu.rip == step.rip + step.length and self._event is None
         if step.missing is not None:
             uc.context_restore(saved)  # undo the pass: the read had no data yet
             self._exit = self._event = None
@@ -1067,6 +1269,8 @@ class ModelEngine(Engine):
             return self._record(*self._mmio_exit(step, gpa, size, None))
         if not done:
             uc.context_restore(saved)
+            if resumed and self._exit is None and self._event is None and self._mmio_hit is None:
+                return None  # stopped before the instruction: the step stays
             self._mmio = None
             if self._exit is not None:
                 return self._vm_exit(self._exit)
@@ -1092,9 +1296,7 @@ class ModelEngine(Engine):
 
     def _mmio_exit(self, step: _MmioStep, gpa: int, size: int, value: int | None) -> tuple[VmExit, Exit]:
         write = value is not None
-        qualification = EptViolationQualification(read=not write, write=write, fetch=False, readable=False,
-                                                   writable=False, executable=False, gla_valid=True,
-                                                   linear_translation=True).encode()
+        qualification = _MMIO_WRITE_QUALIFICATION if write else _MMIO_READ_QUALIFICATION
         linear = step.linear | gpa & (PAGE - 1)
         info = ExitInfo(int(ExitReason.EPT_VIOLATION), qualification, guest_linear_address=linear,
                         guest_physical_address=gpa)
@@ -1107,8 +1309,66 @@ class ModelEngine(Engine):
             vmexit = VmExit(ExitReason.EPT_VIOLATION, info, exit_, complete=step.reads.append, read_size=size)
         return vmexit, exit_
 
+    def _summary(self, linear: int) -> tuple[int, bool, str] | None:
+        """:func:`instruction_summary` of the instruction at ``linear``, remembered by its bytes."""
+        code = self._instruction_bytes(linear)
+        key = (linear, self.cpu.code_bits, code)
+        summary = self._summaries.get(key, _UNDECODED)
+        if summary is _UNDECODED:
+            if len(self._summaries) >= _DECODE_CACHE:
+                self._summaries.clear()
+            summary = self._summaries[key] = instruction_summary(code, linear, self.cpu.code_bits)
+        return summary  # type: ignore[return-value]
+
+    def _arm_stop(self, linear_rip: int, next_linear: int) -> None:
+        """Make the replay of the instruction at ``linear_rip`` stop at ``next_linear``.
+
+        A ``UC_HOOK_CODE`` hook takes effect in code translated after it was added, so the hook's
+        first use under a mapping of the instruction retranslates it (``ctl_remove_cache``). The
+        hook then stays, and so does the translated code that calls it: the next replay there
+        starts at once. Outside replays the hook returns at once; one that keeps firing there
+        (the instruction after an MMIO access also runs on RAM) is removed after the run.
+        """
+        uc = self.uc
+        stop = self._stops.get(next_linear)
+        if stop is None:
+            if len(self._stops) >= _STOP_HOOKS:
+                self._drop_stop(next(iter(self._stops)))
+            handle = uc.hook_add(UC_HOOK_CODE, self._mmio_stop, None, next_linear, next_linear)
+            stop = self._stops[next_linear] = [handle, 0]
+        stop[1] = 0
+        vpage = linear_rip & _PAGE_MASK
+        hpage = self.code.host_page(vpage)
+        if hpage is None:
+            hpage = self._translate(vpage, Access.FETCH)
+        armed = (next_linear, hpage)
+        if armed not in self._armed:
+            uc.ctl_remove_cache(linear_rip, next_linear + 1)
+            self._armed.add(armed)
+
+    def _drop_stop(self, linear: int) -> None:
+        """Remove the stop hook at ``linear`` (never from inside a hook: Unicorn may still call it)."""
+        handle, _ = self._stops.pop(linear)
+        self.uc.hook_del(handle)
+        self._armed = {armed for armed in self._armed if armed[0] != linear}
+
     def _mmio_stop(self, uc: Uc, address: int, size: int, _: object) -> None:
-        uc.emu_stop()
+        if address == self._stop_at:
+            step = self._resume
+            if (step is not None and step.missing is None and not step.writes and self._event is None
+                    and self._exit is None and self._hook_error is None):
+                # The step's last pass completed the instruction with every read answered and
+                # nothing written: the guest runs on, once no TLB entry reaches the window.
+                self._stop_at = self._resume = self._mmio = None
+                self._flush_tlb()
+                return
+            uc.emu_stop()
+            return
+        stop = self._stops.get(address)
+        if stop is not None:
+            stop[1] += 1
+            if stop[1] == _STOP_IDLE:
+                self._idle_stops.append(address)
 
     def _on_mmio_read(self, uc: Uc, offset: int, size: int, _: object) -> int:
         step = self._mmio
