@@ -68,7 +68,7 @@ def real_mode_segment(selector: int, code: bool = False) -> Segment:
     return Segment(selector=selector, base=selector << 4, limit=0xFFFF, type=0xB if code else 0x3)
 
 
-def flat_segment(selector: int, code: bool, long_mode: bool = False) -> Segment:
+def flat_segment(selector: int, code: bool, long_mode: bool = False, dpl: int = 0) -> Segment:
     """A flat 4-GiB segment as a GDT descriptor with base 0, limit 0xFFFFF, G=1 describes."""
     return Segment(
         selector=selector,
@@ -76,7 +76,7 @@ def flat_segment(selector: int, code: bool, long_mode: bool = False) -> Segment:
         limit=0xFFFF_FFFF,
         type=0xB if code else 0x3,
         s=1,
-        dpl=0,
+        dpl=dpl,
         present=1,
         db=0 if (code and long_mode) else 1,
         l=1 if (code and long_mode) else 0,

@@ -302,26 +302,13 @@ def _image(state1: bool) -> list[tuple[int, bytes]]:
 
 
 def _state(cpl: int, state1: bool, umip: bool):
-    from hvm.cpu import CpuState, DescriptorTable, Segment
-
-    def seg(selector: int, code: bool, dpl: int) -> Segment:
-        return Segment(
-            selector=selector,
-            base=0,
-            limit=0xFFFF_FFFF,
-            type=0xB if code else 0x3,
-            s=1,
-            dpl=dpl,
-            present=1,
-            db=1,
-            g=1,
-        )
+    from hvm.cpu import CpuState, DescriptorTable, Segment, flat_segment
 
     state = CpuState()
     code_sel, data_sel = (SEL_CODE3 | 3, SEL_DATA3 | 3) if cpl else (SEL_CODE0, SEL_DATA0)
-    state.cs = seg(code_sel, True, cpl)
+    state.cs = flat_segment(code_sel, code=True, dpl=cpl)
     for name in ("ds", "es", "fs", "gs", "ss"):
-        setattr(state, name, seg(data_sel, False, cpl))
+        setattr(state, name, flat_segment(data_sel, code=False, dpl=cpl))
     tss, ldt = (TSS1, LDT_BASE + 0x10) if state1 else (TSS0, LDT_BASE)
     state.tr = Segment(
         selector=SEL_TSS1 if state1 else SEL_TSS0, base=tss, limit=0x67, type=11, s=0, present=1
