@@ -109,3 +109,13 @@ def test_info_tables_match_the_sdm(capsys: pytest.CaptureFixture[str]) -> None:
     vmcs = json.loads(capsys.readouterr().out)
     # Intel SDM Vol. 3D Appendix B
     assert vmcs["EPT_POINTER"] == 0x201A and vmcs["GUEST_CR0"] == 0x6800 and vmcs["VM_EXIT_REASON"] == 0x4402
+
+
+def test_engine_options_unknown_name_is_refused() -> None:
+    from hvm.engine import create_engine
+    from hvm.errors import EngineUnavailable
+
+    with pytest.raises(EngineUnavailable, match="no option nonsense"):
+        create_engine("model", GuestMemory(2 << 20), {"nonsense": 1})
+    with pytest.raises(EngineUnavailable, match="no option memory"):
+        create_engine("trap", GuestMemory(2 << 20), {"memory": None})

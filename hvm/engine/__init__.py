@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from hvm.engine.base import Engine
 from hvm.errors import EngineUnavailable
 from hvm.vmm.memory import GuestMemory
@@ -27,19 +30,21 @@ def available_engines() -> list[str]:
     return [name for name in ENGINES if name != "kvm" or kvm_usable()]
 
 
-def create_engine(name: str, memory: GuestMemory) -> Engine:
+def create_engine(name: str, memory: GuestMemory, options: dict[str, Any] | None = None) -> Engine:
+    """Build engine ``name``; ``options`` are its constructor's keyword arguments (engine-specific)."""
     name = resolve_engine_name(name)
     if name == "model":
-        from hvm.engine.model import ModelEngine
-
-        return ModelEngine(memory)
-    if name == "trap":
-        from hvm.engine.trap import TrapEngine
-
-        return TrapEngine(memory)
-    from hvm.engine.kvm import KvmEngine
-
-    return KvmEngine(memory)
+        from hvm.engine.model import ModelEngine as cls
+    elif name == "trap":
+        from hvm.engine.trap import TrapEngine as cls
+    else:
+        from hvm.engine.kvm import KvmEngine as cls
+    options = dict(options or {})
+    accepted = inspect.signature(cls).parameters
+    unknown = sorted(k for k in options if k not in accepted or k == "memory")
+    if unknown:
+        raise EngineUnavailable(f"the {name} engine has no option {', '.join(unknown)}")
+    return cls(memory, **options)
 
 
 __all__ = ["ENGINES", "Engine", "available_engines", "create_engine", "resolve_engine_name"]

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hvm import boot
 from hvm.boot import ImageFormat
@@ -39,6 +40,8 @@ class MachineConfig:
     mem_size: int = 128 << 20
     console: Callable[[bytes], None] | None = None  # None: write to stdout
     input_fd: int | None = None  # bytes read from this fd (e.g. 0, a terminal) go to COM1
+    # keyword arguments for the engine's constructor, e.g. {"paging": "shadow"} on the model engine
+    engine_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,7 +69,7 @@ class Machine:
             self.memory = GuestMemory(self.config.mem_size)
         except GuestMemoryError as exc:
             raise SetupError(str(exc)) from None
-        self.engine = create_engine(self.engine_name, self.memory)
+        self.engine = create_engine(self.engine_name, self.memory, self.config.engine_options)
         self.pio = PioBus()
         self.mmio = MmioBus()
         self.ledger = ExitLedger()
