@@ -135,6 +135,7 @@ F = VmcsField
 WATCH_INTERVAL = 0.02  # without our signal wakeup fd: how long an emulation runs before signals are seen
 MMIO_WINDOW = 0x7F_0000_0000  # host-physical page where Unicorn sees the MMIO page being emulated
 _PAGE_MASK = ~(PAGE - 1)
+_LINEAR_MASK = (1 << 64) - 1
 _ACCESS = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
 # EPT access and permission bits as plain ints: IntFlag arithmetic is slow on the translation path.
 _EPT_R, _EPT_W, _EPT_X = int(EptPerm.READ), int(EptPerm.WRITE), int(EptPerm.EXECUTE)
@@ -213,6 +214,23 @@ class _MmioStep:
     seen: int = 0  # reads answered in the current pass
     missing: tuple[int, int] | None = None  # (gpa, size) of the first read without data
     writes: list[tuple[int, int, int]] = field(default_factory=list)  # (gpa, size, value)
+    # An access that crosses into a second MMIO page: (guest-physical page, linear page) of that
+    # page, which Unicorn reaches through the window's second page.
+    second: tuple[int, int] | None = None
+    # linear [start, end) of an access that crosses a page boundary, to clip reads to it; None: not
+    # looked for yet; (0, 0): the instruction has no such access
+    split: tuple[int, int] | None = None
+
+    def gpa(self, offset: int) -> int:
+        """Guest-physical address of ``offset`` in the MMIO window."""
+        if offset >= PAGE and self.second is not None:
+            return self.second[0] + offset - PAGE
+        return self.gpage + offset
+
+    def linear_of(self, gpa: int) -> int:
+        if self.second is not None and gpa & _PAGE_MASK == self.second[0] != self.gpage:
+            return self.second[1] | gpa & (PAGE - 1)
+        return self.linear | gpa & (PAGE - 1)
 
 
 class ModelEngine(Engine):
@@ -307,7 +325,7 @@ class ModelEngine(Engine):
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         uc.hook_add(UC_HOOK_INSN, self._on_platform_in, None, 1, 0, R.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_platform_out, None, 1, 0, R.UC_X86_INS_OUT)
-        uc.mmio_map(MMIO_WINDOW, PAGE, self._on_mmio_read, None, self._on_mmio_write, None)
+        uc.mmio_map(MMIO_WINDOW, 2 * PAGE, self._on_mmio_read, None, self._on_mmio_write, None)
 
     # --- the Engine interface --------------------------------------------------------------
     def set_state(self, state: CpuState) -> None:
@@ -1077,6 +1095,9 @@ class ModelEngine(Engine):
                 self._exit = VmExit(ExitReason.EPT_VIOLATION, ExitInfo(int(ExitReason.EPT_VIOLATION)), Exit(
                     ExitKind.INTERNAL_ERROR, addr=where.gpa,
                     detail=f"instruction fetch from guest-physical {where.gpa:#x}, where there is no RAM"))
+            elif self._mmio_second(where.gpa & _PAGE_MASK, vaddr & _PAGE_MASK):
+                entry.paddr, entry.perms = MMIO_WINDOW + PAGE, UC_PROT_READ | UC_PROT_WRITE
+                return True
             elif self._mmio_in_run(where.gpa & _PAGE_MASK, vaddr):
                 entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
                 return True
@@ -1085,6 +1106,39 @@ class ModelEngine(Engine):
         except BaseException as exc:  # noqa: BLE001 - re-raised after emu_start returns
             self._fail(exc)
         return False
+
+    def _mmio_second(self, gpage: int, vpage: int) -> bool:
+        """The MMIO step's access crosses into the linear page beside its own, which is MMIO too:
+        that page is reached through the window's second page (True)."""
+        step = self._mmio
+        beside = ((step.linear + PAGE) & _LINEAR_MASK, (step.linear - PAGE) & _LINEAR_MASK) if step else ()
+        if vpage not in beside:
+            return False
+        if step.second is not None and step.second != (gpage, vpage):
+            return False
+        step.second = (gpage, vpage)
+        return True
+
+    def _look_for_split(self, step: _MmioStep, offset: int, size: int) -> None:
+        """Only an access at either end of a page can be a piece of one that crosses it: find that."""
+        if step.split is None and (offset % PAGE == 0 or offset % PAGE + size == PAGE):
+            linear = step.linear_of(step.gpa(offset))
+            step.split = self._split_operand(step, linear if offset % PAGE == 0 else linear + size)
+
+    def _split_operand(self, step: _MmioStep, boundary: int) -> tuple[int, int]:
+        """Linear range of the instruction's memory operand that crosses ``boundary``, or (0, 0)."""
+        start = self.segment_base(1) + step.rip
+        try:
+            code = self._instruction_bytes(start)
+            operands = memory_operands(code, start, self.cpu.code_bits)
+            length = (instruction_summary(code, start, self.cpu.code_bits) or (0,))[0]
+        except (Fault, EptExit, _NotRam):
+            return 0, 0
+        for mem, size in operands:
+            la = self.effective_linear(mem, step.rip + length)
+            if la < boundary < la + size:
+                return la, la + size
+        return 0, 0
 
     def _mmio_in_run(self, gpage: int, vpage: int) -> bool:
         """MMIO met by an instruction whose replays are armed (:meth:`_arm_stop`): its first pass
@@ -1297,7 +1351,7 @@ class ModelEngine(Engine):
     def _mmio_exit(self, step: _MmioStep, gpa: int, size: int, value: int | None) -> tuple[VmExit, Exit]:
         write = value is not None
         qualification = _MMIO_WRITE_QUALIFICATION if write else _MMIO_READ_QUALIFICATION
-        linear = step.linear | gpa & (PAGE - 1)
+        linear = step.linear_of(gpa)
         info = ExitInfo(int(ExitReason.EPT_VIOLATION), qualification, guest_linear_address=linear,
                         guest_physical_address=gpa)
         if write:
@@ -1372,15 +1426,33 @@ class ModelEngine(Engine):
 
     def _on_mmio_read(self, uc: Uc, offset: int, size: int, _: object) -> int:
         step = self._mmio
-        gpa = step.gpage + offset
+        gpa, shift = step.gpa(offset), 0
+        self._look_for_split(step, offset, size)
+        if step.split is not None and step.split[1]:
+            # Unicorn reads a split access as aligned words; the device sees only the bytes the
+            # instruction reads from each page, as on KVM.
+            linear = step.linear_of(gpa)
+            first, end = max(linear, step.split[0]), min(linear + size, step.split[1])
+            if first < end:
+                shift, size = first - linear, end - first
+                gpa += shift
         if step.seen < len(step.reads):
             data = step.reads[step.seen]
             step.seen += 1
-            return int.from_bytes(data, "little")
+            return int.from_bytes(data, "little") << 8 * shift
         if step.missing is None:
             step.missing = (gpa, size)
         return 0
 
     def _on_mmio_write(self, uc: Uc, offset: int, size: int, value: int, _: object) -> None:
-        self._mmio.writes.append((self._mmio.gpage + offset, size, value & ((1 << (8 * size)) - 1)))
+        step = self._mmio
+        gpa, value = step.gpa(offset), value & ((1 << (8 * size)) - 1)
+        last = step.writes[-1] if step.writes else None
+        self._look_for_split(step, offset, size)
+        if (step.split is not None and step.split[1] and last is not None and last[0] + last[1] == gpa
+                and gpa & (PAGE - 1) and last[1] + size <= 8):
+            # A split access arrives in pieces; like KVM's MMIO fragments, one exit per page.
+            step.writes[-1] = (last[0], last[1] + size, last[2] | value << (8 * last[1]))
+            return
+        step.writes.append((gpa, size, value))
 
