@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats", action="store_true", help="print exits by kind and the kernel's counters")
     run.add_argument("--json", metavar="PATH", help="write the run's result as JSON ('-' for stdout)")
     run.add_argument("--guest", metavar="NAME", help="run a bundled guest by name instead of IMAGE")
+    run.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE",
+                     help="an engine option (repeatable; `hvm info engines` lists them)")
     run.add_argument("--trace", action="store_true",
                      help="trap engine: print each trap step by step with its modelled cycles (stderr)")
 
@@ -92,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab_rep.add_argument("--quick", action="store_true", help="every experiment's small parameters")
 
     info = sub.add_parser("info", help="host capabilities and architectural tables")
-    info.add_argument("topic", nargs="?", default="host", choices=["host", "exit-reasons", "vmcs", "guests"])
+    info.add_argument("topic", nargs="?", default="host", choices=["host", "exit-reasons", "vmcs", "guests",
+                                                                     "engines"])
     info.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -115,6 +118,7 @@ def _resolve_image(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from hvm.engine import parse_engine_options
     from hvm.vmm.machine import Machine, MachineConfig
 
     path, _ = _resolve_image(args)
@@ -130,7 +134,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise HvmError("--trace shows the trap engine's traps: use it with --engine trap")
     machine = Machine(
         MachineConfig(
-            engine=args.engine, mem_size=args.mem, console=console, input_fd=0 if interactive else None
+            engine=args.engine, mem_size=args.mem, console=console, input_fd=0 if interactive else None,
+            engine_options=parse_engine_options(args.engine, args.engine_opt),
         )
     )
     if args.trace:
@@ -257,6 +262,18 @@ def cmd_info(args: argparse.Namespace) -> int:
             width = 6 if args.topic == "vmcs" else 3
             for name, number in table.items():
                 print(f"{number:#0{width}x}  {name}" if args.topic == "vmcs" else f"{number:3d}  {name}")
+        return 0
+    if args.topic == "engines":
+        from hvm.engine import ENGINES, available_engines, engine_options
+
+        here = available_engines()
+        doc = {name: {"available": name in here, "options": engine_options(name)} for name in ENGINES}
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            for name, entry in doc.items():
+                opts = ", ".join(f"{k}={v}" for k, v in entry["options"].items()) or "no options"
+                print(f"{name:6s} {'available' if entry['available'] else 'not available':14s} {opts}")
         return 0
     if args.topic == "guests":
         from hvm import guests

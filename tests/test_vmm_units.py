@@ -119,3 +119,24 @@ def test_engine_options_unknown_name_is_refused() -> None:
         create_engine("model", GuestMemory(2 << 20), {"nonsense": 1})
     with pytest.raises(EngineUnavailable, match="no option memory"):
         create_engine("trap", GuestMemory(2 << 20), {"memory": None})
+
+
+def test_engine_options_from_the_command_line() -> None:
+    from hvm.engine import engine_options, parse_engine_options
+    from hvm.errors import EngineUnavailable
+
+    assert engine_options("kvm")["path"] == "/dev/kvm"
+    assert parse_engine_options("kvm", ["path=/dev/null"]) == {"path": "/dev/null"}
+    for bad in (["path"], ["nonsense=1"]):
+        with pytest.raises(EngineUnavailable, match="expected KEY=VALUE"):
+            parse_engine_options("kvm", bad)
+
+
+def test_cli_bad_engine_option_is_one_line_with_status_2() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "hvm", "run", "--engine", "model", "--engine-opt", "x=1"],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--engine-opt 'x=1'" in proc.stderr

@@ -33,18 +33,59 @@ def available_engines() -> list[str]:
 def create_engine(name: str, memory: GuestMemory, options: dict[str, Any] | None = None) -> Engine:
     """Build engine ``name``; ``options`` are its constructor's keyword arguments (engine-specific)."""
     name = resolve_engine_name(name)
-    if name == "model":
-        from hvm.engine.model import ModelEngine as cls
-    elif name == "trap":
-        from hvm.engine.trap import TrapEngine as cls
-    else:
-        from hvm.engine.kvm import KvmEngine as cls
+    cls = _engine_class(name)
     options = dict(options or {})
-    accepted = inspect.signature(cls).parameters
-    unknown = sorted(k for k in options if k not in accepted or k == "memory")
+    accepted = _options_of(cls)
+    unknown = sorted(k for k in options if k not in accepted)
     if unknown:
-        raise EngineUnavailable(f"the {name} engine has no option {', '.join(unknown)}")
+        known = ", ".join(accepted) or "none"
+        raise EngineUnavailable(f"the {name} engine has no option {', '.join(unknown)} (it has: {known})")
     return cls(memory, **options)
 
 
-__all__ = ["ENGINES", "Engine", "available_engines", "create_engine", "resolve_engine_name"]
+def _engine_class(name: str) -> type[Engine]:
+    name = resolve_engine_name(name)
+    if name == "model":
+        from hvm.engine.model import ModelEngine
+
+        return ModelEngine
+    if name == "trap":
+        from hvm.engine.trap import TrapEngine
+
+        return TrapEngine
+    from hvm.engine.kvm import KvmEngine
+
+    return KvmEngine
+
+
+def _options_of(cls: type) -> dict[str, Any]:
+    """An engine class's keyword options (beyond the guest memory) with their defaults."""
+    return {p.name: p.default for p in inspect.signature(cls).parameters.values()
+            if p.name != "memory" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def engine_options(name: str) -> dict[str, Any]:
+    """The options of engine ``name`` a command line can give (string, number or flag), with defaults."""
+    return {k: v for k, v in _options_of(_engine_class(name)).items() if isinstance(v, (str, int, float))}
+
+
+def parse_engine_options(name: str, pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to engine options, each VALUE converted to its default's type."""
+    accepted = engine_options(name)
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in accepted:
+            known = ", ".join(accepted) or "none"
+            raise EngineUnavailable(f"--engine-opt {pair!r}: expected KEY=VALUE, KEY one of: {known}")
+        default = accepted[key]
+        kind = type(default) if isinstance(default, (bool, int, float)) else str
+        try:
+            out[key] = (value.lower() in ("1", "on", "yes", "true")) if kind is bool else kind(value)
+        except ValueError:
+            raise EngineUnavailable(f"--engine-opt {pair!r}: {value!r} is not a {kind.__name__}") from None
+    return out
+
+
+__all__ = ["ENGINES", "Engine", "available_engines", "create_engine", "engine_options",
+           "parse_engine_options", "resolve_engine_name"]
