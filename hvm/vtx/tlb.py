@@ -76,7 +76,8 @@ SKYLAKE = TlbConfig(
     itlb=(ArrayConfig("itlb_4k", 128, 8, (PAGE_4K,)), ArrayConfig("itlb_2m", 8, 8, (PAGE_2M, PAGE_4M))),
     dtlb=(ArrayConfig("dtlb_4k", 64, 4, (PAGE_4K,)), ArrayConfig("dtlb_2m", 32, 4, (PAGE_2M, PAGE_4M)),
           ArrayConfig("dtlb_1g", 4, 4, (PAGE_1G,))),
-    stlb=(ArrayConfig("stlb", 1536, 12, (PAGE_4K, PAGE_2M, PAGE_4M)), ArrayConfig("stlb_1g", 16, 4, (PAGE_1G,))),
+    stlb=(ArrayConfig("stlb", 1536, 12, (PAGE_4K, PAGE_2M, PAGE_4M)),
+          ArrayConfig("stlb_1g", 16, 4, (PAGE_1G,))),
     source="Intel Optimization Reference Manual 248966-045, Table 2-15 (Skylake TLB parameters)",
 )
 
@@ -206,8 +207,9 @@ class TlbModel:
     def __init__(self, mem: PhysicalMemory, config: TlbConfig = SKYLAKE) -> None:
         self.mem = mem
         self.config = config
+        every = (*config.itlb, *config.dtlb, *config.stlb)
         self.arrays: dict[str, tuple[ArrayConfig, SetAssociative]] = {
-            a.name: (a, SetAssociative(a.entries, a.ways)) for a in (*config.itlb, *config.dtlb, *config.stlb)}
+            a.name: (a, SetAssociative(a.entries, a.ways)) for a in every}
         self.psc = {level: SetAssociative(config.psc_entries, config.psc_entries) for level in (1, 2, 3, 4)}
         self.gpa = SetAssociative(config.gpa_entries, config.gpa_entries)
         self.ept_psc = {level: SetAssociative(config.ept_psc_entries, config.ept_psc_entries)
