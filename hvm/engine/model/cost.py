@@ -15,6 +15,14 @@ pollution) depend on the exit reason and can be an order of magnitude larger; th
 values are not reproduced here. Give them per exit kind through ``handling`` (for instance from
 kvm-unit-tests' ``vmexit`` test run on the machine you want to model), and the report carries
 both parts. Events that are not VM exits (the host interrupting a run, an engine failure) cost 0.
+
+Page walks: each memory reference a walk makes on a TLB miss (a guest paging-structure read or
+an EPT read) is charged ``walk_ref`` cycles. The page walker's loads go through the data caches;
+the default charges each the load-to-use latency of an L2 hit on the same Skylake generation the
+TLB model's geometry comes from: 12 cycles (Intel 64 and IA-32 Architectures Optimization
+Reference Manual 248966-045, Table 2-14 "Cache Parameters of the Skylake Microarchitecture":
+L1D 4, L2 12, L3 44 cycles). Upper-level entries of a real walk mostly hit L1, the leaves of a
+cold random walk often miss to L3 or DRAM: 12 is a middle figure, and ``walk_ref`` changes it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field
 from hvm.exits import ExitKind
 
 SPLITX_DIRECT_CYCLES = 2000  # SplitX (WIOV 2011), Xeon X5570 + KVM 2.6.34: VM exit + VM entry
+SKYLAKE_L2_CYCLES = 12  # Intel Optimization Reference Manual 248966-045, Table 2-14: L2 load-to-use
 NOT_VM_EXITS = frozenset({ExitKind.INTR, ExitKind.INTERNAL_ERROR, ExitKind.SYSTEM_EVENT})
 
 
@@ -34,6 +43,7 @@ class CostModel:
 
     transition: int = SPLITX_DIRECT_CYCLES
     handling: Mapping[ExitKind, int] = field(default_factory=dict)
+    walk_ref: int = SKYLAKE_L2_CYCLES  # per page-walk memory reference
     source: str = "SplitX (Landau et al., USENIX WIOV 2011): direct cost 2,000 cycles, Xeon X5570 + KVM"
 
     def cycles(self, kind: ExitKind | None) -> int:

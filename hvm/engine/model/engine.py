@@ -99,6 +99,7 @@ from hvm.engine.model.events import (
 from hvm.engine.model.host import HostMemory
 from hvm.engine.model.hostcpu import host_tsc
 from hvm.engine.model.instructions import GPR_IDS, RFLAGS_IOPL_SHIFT, RFLAGS_VM, Latched, VmExit, intercept
+from hvm.engine.model.tlbsim import TranslationAccounting
 from hvm.engine.model.vmcs import (
     HLT_STATE,
     ExitInfo,
@@ -220,7 +221,8 @@ class ModelEngine(Engine):
 
     name = "model"
 
-    def __init__(self, memory: GuestMemory, *, cost: CostModel | None = None) -> None:
+    def __init__(self, memory: GuestMemory, *, cost: CostModel | None = None, tlb: str | None = None,
+                 tlb_caches: int = 0) -> None:
         if len(memory.regions) != 1 or memory.regions[0].gpa != 0:
             raise EngineUnavailable("the model engine supports guest RAM as one region at address 0")
         self.memory = memory
@@ -308,6 +310,8 @@ class ModelEngine(Engine):
         uc.hook_add(UC_HOOK_INSN, self._on_platform_in, None, 1, 0, R.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_platform_out, None, 1, 0, R.UC_X86_INS_OUT)
         uc.mmio_map(MMIO_WINDOW, PAGE, self._on_mmio_read, None, self._on_mmio_write, None)
+        # Walk accounting through a modelled TLB (tlbsim): off unless asked for ("fast" or "detailed").
+        self.walks = TranslationAccounting(self, tlb, tlb_caches) if tlb else None
 
     # --- the Engine interface --------------------------------------------------------------
     def set_state(self, state: CpuState) -> None:
@@ -335,6 +339,8 @@ class ModelEngine(Engine):
         exit_ = self._vm_entry()
         if exit_ is not None:
             return exit_
+        if self.walks is not None:
+            self.walks.entered()
         return self._execute()
 
     def complete_read(self, data: bytes) -> None:
@@ -438,6 +444,8 @@ class ModelEngine(Engine):
         out.update({f"exit_reason.{reason.name}": n for reason, n in sorted(self.exit_counts.items())})
         out.update({"tlb_fills": self.tlb_fills, "code_pages_scanned": self.code.scans,
                     "sensitive_hooks": self.code.hook_count})
+        if self.walks is not None:
+            out.update(self.walks.counters())
         return out
 
     def close(self) -> None:
@@ -470,6 +478,8 @@ class ModelEngine(Engine):
         """INVEPT (all contexts): forget cached EPT translations (SDM Vol. 3C 29.4.3.1)."""
         self._forget_ept()
         self._flush_tlb()
+        if self.walks is not None:
+            self.walks.invept()
 
     def _forget_ept(self) -> None:
         """EPT may have changed: drop the EPT cache and the guest walks made through it."""
@@ -820,6 +830,8 @@ class ModelEngine(Engine):
                 insn = self._decoded[key] = decode(code, address, cpu.code_bits)
             if insn is not None:
                 intercept(self, insn, address, cpu.rip)
+                if self.walks is not None:
+                    self.walks.sensitive(insn, cpu.rip)
         except EptExit as exit_:
             self.take_exit(exit_.vmexit)
         except Fault as fault:
@@ -1189,6 +1201,8 @@ class ModelEngine(Engine):
         # The access itself is allowed: the guest walk and the EPT walk checked exactly it.
         entry.paddr = hpage
         entry.perms = perms
+        if self.walks is not None:
+            self.walks.filled(vaddr, kind, hpage)
         return True
 
     def _flush_tlb(self) -> None:
