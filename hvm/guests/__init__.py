@@ -104,6 +104,9 @@ GUESTS: dict[str, str] = {
     "written as two 32-bit OUTs to port 0x530 (RDTSC) or 0x538 (RDTSCP); then 'tscread done N'",
     "syscalls": "N (n=N, default 10000) 'system calls' at CPL 0, each a WRMSR of IA32_TSC_AUX with the "
     "call's number; then 'rdtscp yes|no', 'tsc_aux V' (RDTSCP or RDMSR) and 'syscalls done N'",
+    "ctxsw": "the context-switch experiment: p processes (own page tables, same linear addresses), "
+    "n CR3 switches, k pages touched per slice (p=P n=N k=K, default 4 1000 8), then one 'ctxsw ...' "
+    "line; 'check': accessed/dirty flags, remap + INVLPG, #PF error codes, CR0.WP; C, see src/ctxsw.c",
 }
 """Guest name -> what it does."""
 
@@ -121,13 +124,14 @@ GUEST_FORMAT: dict[str, str] = {
     "redpill": "multiboot",
     "tscread": "multiboot",
     "syscalls": "multiboot",
+    "ctxsw": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16`` or ``flat64``."""
 
 DEFAULT_N: dict[str, int] = {"outloop": 1000, "spin": 1_000_000}
 """Value of ``n`` when the command line has no ``n=NUMBER``."""
 
-C_SOURCES: dict[str, tuple[str, ...]] = {"iobench": ("iobench.c",)}
+C_SOURCES: dict[str, tuple[str, ...]] = {"iobench": ("iobench.c",), "ctxsw": ("ctxsw.c",)}
 """Guest name -> freestanding C files in ``src/``.
 
 Such a guest is a multiboot image whose body is 64-bit: ``NAME.s`` includes
