@@ -235,7 +235,7 @@ class ShadowMmu:
         return index
 
     def _evict(self, root: _Root) -> None:
-        for leaf in root.leaves.values():
+        for leaf in list(root.leaves.values()):
             self._unlink(leaf)
         root.leaves.clear()
         self._free.extend(root.pages)
