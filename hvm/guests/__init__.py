@@ -112,6 +112,9 @@ GUESTS: dict[str, str] = {
     "pwalk32": "pwalk64 in 32-bit code for 32-bit and PAE paging (EDI region, ESI pages-1, ECX reads)",
     "syscalls": "N (n=N, default 10000) 'system calls' at CPL 0, each a WRMSR of IA32_TSC_AUX with the "
     "call's number; then 'rdtscp yes|no', 'tsc_aux V' (RDTSCP or RDMSR) and 'syscalls done N'",
+    "ctxsw": "the context-switch experiment: p processes (own page tables, same linear addresses), "
+    "n CR3 switches, k pages touched per slice (p=P n=N k=K, default 4 1000 8), then one 'ctxsw ...' "
+    "line; 'check': accessed/dirty flags, remap + INVLPG, #PF error codes, CR0.WP; C, see src/ctxsw.c",
 }
 """Guest name -> what it does."""
 
@@ -131,13 +134,14 @@ GUEST_FORMAT: dict[str, str] = {
     "syscalls": "multiboot",
     "pwalk64": "flat64",
     "pwalk32": "flat32",
+    "ctxsw": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16``, ``flat32`` or ``flat64``."""
 
 DEFAULT_N: dict[str, int] = {"outloop": 1000, "spin": 1_000_000}
 """Value of ``n`` when the command line has no ``n=NUMBER``."""
 
-C_SOURCES: dict[str, tuple[str, ...]] = {"iobench": ("iobench.c",)}
+C_SOURCES: dict[str, tuple[str, ...]] = {"iobench": ("iobench.c",), "ctxsw": ("ctxsw.c",)}
 """Guest name -> freestanding C files in ``src/``.
 
 Such a guest is a multiboot image whose body is 64-bit: ``NAME.s`` includes

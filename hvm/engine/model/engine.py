@@ -99,6 +99,7 @@ from hvm.engine.model.events import (
 from hvm.engine.model.host import HostMemory
 from hvm.engine.model.hostcpu import host_tsc
 from hvm.engine.model.instructions import GPR_IDS, RFLAGS_IOPL_SHIFT, RFLAGS_VM, Latched, VmExit, intercept
+from hvm.engine.model.shadow_paging import ShadowPaging, ShadowUnsupported
 from hvm.engine.model.tlbsim import TranslationAccounting
 from hvm.engine.model.vmcs import (
     HLT_STATE,
@@ -221,10 +222,12 @@ class ModelEngine(Engine):
 
     name = "model"
 
-    def __init__(self, memory: GuestMemory, *, cost: CostModel | None = None, tlb: str | None = None,
-                 tlb_caches: int = 0) -> None:
+    def __init__(self, memory: GuestMemory, *, cost: CostModel | None = None, paging: str = "ept",
+                 tlb: str | None = None, tlb_caches: int = 0) -> None:
         if len(memory.regions) != 1 or memory.regions[0].gpa != 0:
             raise EngineUnavailable("the model engine supports guest RAM as one region at address 0")
+        if paging not in ("ept", "shadow"):
+            raise EngineUnavailable(f"the model engine's paging is 'ept' or 'shadow', not {paging!r}")
         self.memory = memory
         self.host = HostMemory(memory)
         self.cost = cost or CostModel()
@@ -252,6 +255,8 @@ class ModelEngine(Engine):
         self.vmcs = ModelVmcs()
         program_defaults(self.vmcs, eptp=self.ept.eptp, msr_bitmap=self.msr_bitmap,
                          io_bitmap_a=self.io_bitmap_a, io_bitmap_b=self.io_bitmap_b)
+        # paging="shadow": EPT off, the VMM's shadow page tables (hvm.engine.model.shadow_paging)
+        self.shadow: ShadowPaging | None = ShadowPaging(self) if paging == "shadow" else None
         self.latched: Latched = Latched.read(self.vmcs, self.host.view)
         # run state
         self._pending: VmExit | None = None  # the exit the next entry completes
@@ -293,6 +298,7 @@ class ModelEngine(Engine):
         self.exit_counts: Counter[ExitReason] = Counter()
         self.overhead_cycles = 0
         self.tlb_fills = 0
+        self.vpid_flushes = 0  # TLB flushes at VM exits and entries because "enable VPID" is 0
         self.last_exit: VmExit | None = None
         # host side
         self._kicked = False
@@ -324,11 +330,17 @@ class ModelEngine(Engine):
         self._shutdown = None
         self._entry_regs = dict(state.regs)
         write_guest_state(self.vmcs, state)
+        if self.shadow is not None:
+            self.shadow.set_state(state)
 
     def get_state(self) -> CpuState:
         if self.vmcs.guest_written:
-            return load_guest_state(self.vmcs, self._entry_regs or self.cpu.store().regs)
-        return self.cpu.store()
+            state = load_guest_state(self.vmcs, self._entry_regs or self.cpu.store().regs)
+            if self.shadow is not None:
+                state.cr0 = self.vmcs.peek(F.CR0_READ_SHADOW)
+            return state
+        state = self.cpu.store()
+        return state if self.shadow is None else self.shadow.view(state)
 
     def run(self) -> Exit:
         if self._kicked:
@@ -433,7 +445,8 @@ class ModelEngine(Engine):
         return self._tsc_hz * self.latched.tsc.multiplier / (1 << 48)
 
     def capabilities(self) -> dict[str, bool]:
-        return {"ept": True, "vpid": True, "unrestricted_guest": True, "tsc_offsetting": True,
+        return {"ept": self.shadow is None, "shadow_paging": self.shadow is not None, "vpid": True,
+                "unrestricted_guest": self.shadow is None, "tsc_offsetting": True,
                 "tsc_scaling": True, "io_bitmaps": True, "msr_bitmaps": True, "exception_bitmap": True,
                 "mmio": True, "coalesced_mmio": True, "dirty_log": True, "irqchip": False,
                 "interrupt_injection": False, "nested": False}
@@ -443,7 +456,9 @@ class ModelEngine(Engine):
                "modelled_cycles_per_exit": self.cost.transition}
         out.update({f"exit_reason.{reason.name}": n for reason, n in sorted(self.exit_counts.items())})
         out.update({"tlb_fills": self.tlb_fills, "code_pages_scanned": self.code.scans,
-                    "sensitive_hooks": self.code.hook_count})
+                    "sensitive_hooks": self.code.hook_count, "vpid_flushes": self.vpid_flushes})
+        if self.shadow is not None:
+            out.update(self.shadow.counters())
         if self.walks is not None:
             out.update(self.walks.counters())
         return out
@@ -549,6 +564,7 @@ class ModelEngine(Engine):
                 return exit_
         if not self.latched.proc2 & ProcBased2.ENABLE_VPID:
             self._flush_tlb()  # SDM 29.4.3.3: without VPIDs, VM entries invalidate linear mappings
+            self.vpid_flushes += 1
         return None
 
     def _complete_pending(self) -> None:
@@ -715,6 +731,8 @@ class ModelEngine(Engine):
 
     def _vm_exit(self, vmexit: VmExit) -> Exit | None:
         """Record a VM exit; returns what run() reports, or None for an exit finished in-engine."""
+        if self.shadow is not None and vmexit.exit is not None:
+            vmexit = self.shadow.complete_in_engine(vmexit) or vmexit  # the shadow MMU's exits
         if vmexit.exit is None:
             self._record(vmexit, None)
             self._pending = vmexit
@@ -729,6 +747,9 @@ class ModelEngine(Engine):
         info = vmexit.info
         halted = self._halted
         self.vmcs.hold(lambda: self._writeback(info, halted))
+        if not self.latched.proc2 & _ENABLE_VPID:
+            self._flush_tlb()  # SDM 29.4.3.3: without VPIDs, VM exits invalidate linear mappings
+            self.vpid_flushes += 1
         self._pending = vmexit
         if vmexit.reason is ExitReason.TRIPLE_FAULT:
             self._shutdown = exit_
@@ -763,6 +784,8 @@ class ModelEngine(Engine):
             Exit(ExitKind.EXCEPTION, qualification=qualification, detail=describe(event)), reinject))
 
     def _handle_event(self, event: Event) -> Exit | None:
+        if self.shadow is not None and self.shadow.reflected(event):
+            return self._deliver(event)  # a true #PF: its VM exit was taken, the hypervisor injects it
         if self.latched.exception_exits(event):
             self.exception_exit(event, 0, self.uc.reg_read(R.UC_X86_REG_RIP))
             vmexit, self._exit = self._exit, None
@@ -929,6 +952,9 @@ class ModelEngine(Engine):
     def write_cr(self, cr: int, value: int) -> None:
         """A hypervisor completing a guest's MOV to CR: the register, and its read shadow."""
         uc = self.uc
+        if cr == 0 and self.shadow is not None:
+            self.shadow.write_cr0(value)
+            return
         if cr == 0:
             self.vmcs.store(F.CR0_READ_SHADOW, value)
             self.latched.cr0_shadow = value
@@ -1004,6 +1030,8 @@ class ModelEngine(Engine):
         (:meth:`_forget_ept`). With EPT accessed and dirty flags on, each walk also sets flags in EPT
         entries, so every walk is done in full.
         """
+        if self.shadow is not None:
+            return self.shadow.guest_walk(la, access, user)
         cpu = self.cpu
         cr0 = cpu.cr(0)
         efer = cpu.efer
@@ -1066,6 +1094,8 @@ class ModelEngine(Engine):
             hpa = self._translate(la, Access.WRITE)
             self.uc.mem_write(hpa, data[:chunk])  # through QEMU, so translated code it overwrites goes
             self.code.forget(hpa & _PAGE_MASK)
+            if self.shadow is not None:
+                self.shadow.guest_wrote(hpa)
             la, data = la + chunk, data[chunk:]
 
     def _implicit_supervisor(self, la: int) -> bool:
@@ -1080,6 +1110,10 @@ class ModelEngine(Engine):
     def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _: object) -> bool:
         try:
             return self._fill(vaddr, access, entry)
+        except ShadowUnsupported as why:
+            reason = ExitReason.EXCEPTION_NMI
+            self._exit = VmExit(reason, ExitInfo(int(reason), vaddr), Exit(
+                ExitKind.INTERNAL_ERROR, addr=vaddr, detail=f"model engine (shadow paging): {why}"))
         except EptExit as exit_:
             self._exit = self._exact(exit_.vmexit, vaddr, access)
         except Fault as fault:
@@ -1165,15 +1199,28 @@ class ModelEngine(Engine):
         cpu = self.cpu
         cpu.sync()
         kind = _ACCESS[access]
-        paging = bool(cpu.cr(0) & CR0_PG)
-        user = paging and cpu.cpl == 3 and not self._implicit_supervisor(vaddr)
-        gpa = self._guest_walk(vaddr, kind, user)
         step = self._mmio
-        if step is not None and gpa & _PAGE_MASK == step.gpage:
-            entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
-            self._window_step = step
-            return True
-        hpa, allowed = self._ept(gpa, _EPT_ACCESS[kind], la=vaddr)
+        if self.shadow is not None:  # the processor walks the shadow tables
+            paging = True
+            user = cpu.cpl == 3 and not self._implicit_supervisor(vaddr)
+            gpa, leaf = self.shadow.translate(vaddr, kind, user, step is not None)
+            if step is not None and gpa == step.gpage:
+                entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
+                self._window_step = step
+                return True
+            if leaf is None:
+                raise _NotRam(gpa)
+            hpa = gpa
+            allowed = _EPT_R | (_EPT_W if leaf & 2 else 0) | (0 if leaf >> 63 else _EPT_X)
+        else:
+            paging = bool(cpu.cr(0) & CR0_PG)
+            user = paging and cpu.cpl == 3 and not self._implicit_supervisor(vaddr)
+            gpa = self._guest_walk(vaddr, kind, user)
+            if step is not None and gpa & _PAGE_MASK == step.gpage:
+                entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
+                self._window_step = step
+                return True
+            hpa, allowed = self._ept(gpa, _EPT_ACCESS[kind], la=vaddr)
         hpage = hpa & _PAGE_MASK
         if not self.host.is_ram(hpage):
             raise EptExit(self._ept_misconfig(gpa, f"maps to host-physical {hpage:#x}, outside host RAM"))
@@ -1312,15 +1359,18 @@ class ModelEngine(Engine):
         write = value is not None
         qualification = _MMIO_WRITE_QUALIFICATION if write else _MMIO_READ_QUALIFICATION
         linear = step.linear | gpa & (PAGE - 1)
-        info = ExitInfo(int(ExitReason.EPT_VIOLATION), qualification, guest_linear_address=linear,
+        reason = ExitReason.EPT_VIOLATION
+        if self.shadow is not None:  # no EPT: the VMM met the MMIO page at a #PF VM exit (SDM 26.2)
+            reason, qualification = ExitReason.EXCEPTION_NMI, linear
+        info = ExitInfo(int(reason), qualification, guest_linear_address=linear,
                         guest_physical_address=gpa)
         if write:
             exit_ = Exit(ExitKind.MMIO, addr=gpa, size=size, is_write=True,
                          data=value.to_bytes(size, "little"), qualification=qualification)
-            vmexit = VmExit(ExitReason.EPT_VIOLATION, info, exit_)
+            vmexit = VmExit(reason, info, exit_)
         else:
             exit_ = Exit(ExitKind.MMIO, addr=gpa, size=size, qualification=qualification)
-            vmexit = VmExit(ExitReason.EPT_VIOLATION, info, exit_, complete=step.reads.append, read_size=size)
+            vmexit = VmExit(reason, info, exit_, complete=step.reads.append, read_size=size)
         return vmexit, exit_
 
     def _summary(self, linear: int) -> tuple[int, bool, str] | None:
