@@ -176,10 +176,12 @@ class Stats:
     hits: Counter = field(default_factory=Counter)  # array name -> hits
     misses: int = 0  # translations that missed every TLB level and walked
     walk_refs: Counter = field(default_factory=Counter)  # "guest.L4", "ept.L2", ... -> references
+    ept_refs_for_tables: int = 0  # EPT references made to locate guest paging structures
     invalidations: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int]:
-        out = {"tlb_misses": self.misses, "walk_refs": sum(self.walk_refs.values())}
+        out = {"tlb_misses": self.misses, "walk_refs": sum(self.walk_refs.values()),
+               "ept_refs_for_tables": self.ept_refs_for_tables}
         out.update({f"tlb_lookups.{k}": v for k, v in sorted(self.lookups.items())})
         out.update({f"tlb_hits.{k}": v for k, v in sorted(self.hits.items())})
         out.update({f"walk_refs.{k}": v for k, v in sorted(self.walk_refs.items())})
@@ -262,6 +264,8 @@ class TlbModel:
         for ref in walk.refs:
             if ref.kind is not RefKind.DATA:
                 self.stats.walk_refs[f"{ref.kind.value}.L{ref.level}"] += 1
+                if ref.kind is RefKind.EPT and ref.serves:
+                    self.stats.ept_refs_for_tables += 1
         size = walk.page_size
         frame = walk.hpa & ~(size - 1)
         glob = self._global(ctx, la, walk)

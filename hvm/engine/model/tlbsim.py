@@ -28,6 +28,9 @@ Two fidelity modes:
     page to another linear page, ``tlb.unattributed`` accesses with no fill to go by. Counts are
     exact for the model when both are 0; the guest runs one to two orders of magnitude slower.
 
+With ``paging="shadow"`` the processor walks the hypervisor's shadow tables (4-level, 4-KiB
+pages, :mod:`hvm.vmm.shadow`) with EPT off, and so does the accounting walk.
+
 Invalidations reach the modelled TLB as the SDM defines them: the guest's INVLPG, INVPCID and
 MOV to CR0/CR3/CR4 (seen by the engine's sensitive-instruction hooks), VM entry without VPIDs
 (SDM 29.4.3.3) and the VMM's INVEPT. Not counted: the four PDPTE loads of PAE paging on MOV to
@@ -48,7 +51,7 @@ from hvm.vtx.controls import ProcBased2
 from hvm.vtx.paging import Access, PagingRegs
 from hvm.vtx.tlb import SKYLAKE, Context, InveptType, InvpcidType, TlbModel, with_caches
 from hvm.vtx.vmcs import VmcsField
-from hvm.vtx.walk import WalkFault
+from hvm.vtx.walk import RefKind, WalkFault
 
 if TYPE_CHECKING:
     from hvm.engine.model.engine import ModelEngine
@@ -60,6 +63,22 @@ _CR4_FLUSH = _CR4_PSE | _CR4_PAE | _CR4_PGE | _CR4_LA57  # SDM 4.10.4.1: changin
 _ENABLE_EPT, _ENABLE_VPID = int(ProcBased2.ENABLE_EPT), int(ProcBased2.ENABLE_VPID)
 
 
+class _WithShadow:
+    """Host memory with the shadow page tables, which live outside it (hvm.vmm.shadow.TablePages)."""
+
+    def __init__(self, host, tables) -> None:
+        self.host, self.tables = host, tables
+        self.end = tables.base + len(tables.buf)
+
+    def read_u64(self, addr: int) -> int:
+        if self.tables.base <= addr < self.end:
+            return self.tables.read_u64(addr)
+        return self.host.read_u64(addr)
+
+    def write_u64(self, addr: int, value: int) -> None:
+        raise AssertionError("the accounting walk writes nothing")
+
+
 class TranslationAccounting:
     def __init__(self, engine: ModelEngine, mode: str, caches: int = 0) -> None:
         if mode not in MODES:
@@ -68,12 +87,16 @@ class TranslationAccounting:
             raise ValueError("tlb_caches must be >= 0")
         self.engine = engine
         self.mode = mode
-        self.model = TlbModel(engine.host, with_caches(SKYLAKE, caches) if caches else SKYLAKE)
+        config = with_caches(SKYLAKE, caches) if caches else SKYLAKE
+        shadow = engine.shadow
+        memory = engine.host if shadow is None else _WithShadow(engine.host, shadow.tables)
+        self.model = TlbModel(memory, config)
         self.walk_mismatches = 0
         self.walk_faults = 0
         self.data_refs = 0
         self.data_misses = 0  # misses of data accesses (instruction fetches excluded) ...
         self.data_walk_refs = 0  # ... and the references their walks made
+        self.data_ept_refs_for_tables = 0  # ... of which EPT reads locating guest tables
         self.by_page_size: Counter[int] = Counter()
         self._ctx: Context | None = None
         self._stale = True  # the context must be read again from the CPU before the next lookup
@@ -97,10 +120,15 @@ class TranslationAccounting:
         ept = bool(latched.proc2 & _ENABLE_EPT)
         vpid = eng.vmcs.peek(VmcsField.VIRTUAL_PROCESSOR_ID) if latched.proc2 & _ENABLE_VPID else 0
         pdptes: tuple[int, ...] = ()
-        if cr0 & _CR0_PG and cr4 & _CR4_PAE and not efer & (1 << 10):
+        if eng.shadow is None and cr0 & _CR0_PG and cr4 & _CR4_PAE and not efer & (1 << 10):
             pdptes = tuple(eng.host.read_u64(self._hpa((cr3 & 0xFFFF_FFE0) + 8 * i)) for i in range(4))
         eptp = latched.eptp if ept else None
-        self._ctx = Context(PagingRegs(cr0, cr3, cr4, efer, pdptes), vpid=vpid,
+        regs = PagingRegs(cr0, cr3, cr4, efer, pdptes)
+        if eng.shadow is not None:
+            # Shadow paging: the processor walks the hypervisor's shadow tables, 4-level whatever the
+            # guest's mode (hvm.vmm.shadow), rooted where the real CR3 would point.
+            regs = PagingRegs(_CR0_PG | 1, eng.shadow.mmu.root, _CR4_PAE, (1 << 8) | (1 << 10))
+        self._ctx = Context(regs, vpid=vpid,
                             ep4ta=eptp & 0x000F_FFFF_FFFF_F000 if eptp is not None else None, eptp=eptp)
         self._stale = False
         return self._ctx
@@ -121,6 +149,8 @@ class TranslationAccounting:
             if not fetch:
                 self.data_misses += 1
                 self.data_walk_refs += walk.walk_refs
+                self.data_ept_refs_for_tables += sum(
+                    1 for r in walk.refs if r.kind is RefKind.EPT and r.serves)
         self.data_refs += 1
         if expected_hpa is not None and hpa != expected_hpa:
             self.walk_mismatches += 1
@@ -198,6 +228,7 @@ class TranslationAccounting:
             "tlb.data_refs": self.data_refs,
             "tlb.data_misses": self.data_misses,
             "tlb.data_walk_refs": self.data_walk_refs,
+            "tlb.data_ept_refs_for_tables": self.data_ept_refs_for_tables,
             "tlb.walk_mismatches": self.walk_mismatches,
             "tlb.walk_faults": self.walk_faults,
             "tlb.alias_fills": self.alias_fills,
