@@ -20,10 +20,11 @@ Modes (rows ``{"mode", "guest_levels", "ept_levels", "page_size", "worst_case_re
 * ``native`` -- the model engine with EPT off in the secondary controls: the guest's walk alone
   (g references per miss), what the same guest costs on bare hardware;
 * ``ept`` -- the model engine with the experiment's EPT: the 2-D walk;
-* ``shadow`` -- shadow paging, computed, not measured (``computed: true``): a shadow TLB miss is
-  a g-level walk of the hypervisor's shadow tables (g references), and the price moves to the VM
-  exits that keep the shadow tables in sync, which a cold guest with pre-built tables does not
-  cause; the model engine has no shadow paging on this branch.
+* ``shadow`` -- the model engine with ``paging="shadow"`` (EPT off, the VMM's shadow MMU,
+  :mod:`hvm.engine.model.shadow_paging`): a TLB miss walks the shadow tables, which are 4-level
+  with 4-KiB pages whatever the guest's mode (:mod:`hvm.vmm.shadow`), and every first touch of a
+  page is a hidden #PF VM exit while the shadow fills. No 5-level shadow rows: a 4-level shadow
+  cannot map a 57-bit address space faithfully.
 
 The model engine runs in its ``detailed`` TLB mode (:mod:`hvm.engine.model.tlbsim`): every
 guest access goes through the modelled TLB (Skylake geometry), so the TLB misses and the
@@ -226,7 +227,6 @@ def model_row(mode_name: str, guest: str, page_size: int, ept_levels: int | None
         "finished": result.exit_status == 1,
         "reason": result.reason,
         "wall_s": result.wall_s,
-        "computed": False,
     }
 
 
@@ -325,7 +325,6 @@ def kvm_row(page_size: int, n: int, pages: int) -> Row:
         "finished": result.exit_status == 1,
         "reason": result.reason,
         "wall_s": result.wall_s,
-        "computed": False,
     }
 
 

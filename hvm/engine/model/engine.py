@@ -101,6 +101,7 @@ from hvm.engine.model.hostcpu import host_tsc
 from hvm.engine.model.instructions import GPR_IDS, RFLAGS_IOPL_SHIFT, RFLAGS_VM, Latched, VmExit, intercept
 from hvm.engine.model.shadow_paging import ShadowPaging, ShadowUnsupported
 from hvm.engine.model.tlbsim import TranslationAccounting
+from hvm.engine.model.tlbsim import check_options as check_tlb_options
 from hvm.engine.model.vmcs import (
     HLT_STATE,
     ExitInfo,
@@ -228,6 +229,7 @@ class ModelEngine(Engine):
             raise EngineUnavailable("the model engine supports guest RAM as one region at address 0")
         if paging not in ("ept", "shadow"):
             raise EngineUnavailable(f"the model engine's paging is 'ept' or 'shadow', not {paging!r}")
+        check_tlb_options(tlb, tlb_caches)
         self.memory = memory
         self.host = HostMemory(memory)
         self.cost = cost or CostModel()

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE
 
 from hvm.engine.model.decode import Insn, Op
+from hvm.errors import EngineUnavailable
 from hvm.vtx.controls import ProcBased2
 from hvm.vtx.paging import Access, PagingRegs
 from hvm.vtx.tlb import SKYLAKE, Context, InveptType, InvpcidType, TlbModel, with_caches
@@ -61,6 +62,14 @@ _CR0_PG, _CR0_WP = 1 << 31, 1 << 16
 _CR4_PSE, _CR4_PAE, _CR4_PGE, _CR4_PCIDE, _CR4_LA57 = 1 << 4, 1 << 5, 1 << 7, 1 << 17, 1 << 12
 _CR4_FLUSH = _CR4_PSE | _CR4_PAE | _CR4_PGE | _CR4_LA57  # SDM 4.10.4.1: changing these flushes all
 _ENABLE_EPT, _ENABLE_VPID = int(ProcBased2.ENABLE_EPT), int(ProcBased2.ENABLE_VPID)
+
+
+def check_options(mode: str | None, caches: int) -> None:
+    """The engine options ``tlb`` and ``tlb_caches``, refused in one line when wrong."""
+    if mode is not None and mode not in MODES:
+        raise EngineUnavailable(f"the model engine's tlb option is 'fast' or 'detailed', not {mode!r}")
+    if not isinstance(caches, int) or caches < 0:
+        raise EngineUnavailable(f"the model engine's tlb_caches must be an integer >= 0: {caches!r}")
 
 
 class _WithShadow:
@@ -81,10 +90,7 @@ class _WithShadow:
 
 class TranslationAccounting:
     def __init__(self, engine: ModelEngine, mode: str, caches: int = 0) -> None:
-        if mode not in MODES:
-            raise ValueError(f"tlb mode {mode!r}: choose fast or detailed")
-        if caches < 0:
-            raise ValueError("tlb_caches must be >= 0")
+        check_options(mode, caches)
         self.engine = engine
         self.mode = mode
         config = with_caches(SKYLAKE, caches) if caches else SKYLAKE
@@ -93,7 +99,8 @@ class TranslationAccounting:
         self.model = TlbModel(memory, config)
         self.walk_mismatches = 0
         self.walk_faults = 0
-        self.data_refs = 0
+        self.accesses = 0  # translations looked up (instruction fetches and data accesses)
+        self.data_accesses = 0
         self.data_misses = 0  # misses of data accesses (instruction fetches excluded) ...
         self.data_walk_refs = 0  # ... and the references their walks made
         self.data_ept_refs_for_tables = 0  # ... of which EPT reads locating guest tables
@@ -151,7 +158,9 @@ class TranslationAccounting:
                 self.data_walk_refs += walk.walk_refs
                 self.data_ept_refs_for_tables += sum(
                     1 for r in walk.refs if r.kind is RefKind.EPT and r.serves)
-        self.data_refs += 1
+        self.accesses += 1
+        if not fetch:
+            self.data_accesses += 1
         if expected_hpa is not None and hpa != expected_hpa:
             self.walk_mismatches += 1
 
@@ -225,7 +234,8 @@ class TranslationAccounting:
         walk_refs = sum(stats.walk_refs.values())
         out.update({
             "tlb.mode_detailed": int(self.mode == "detailed"),
-            "tlb.data_refs": self.data_refs,
+            "tlb.accesses": self.accesses,
+            "tlb.data_accesses": self.data_accesses,
             "tlb.data_misses": self.data_misses,
             "tlb.data_walk_refs": self.data_walk_refs,
             "tlb.data_ept_refs_for_tables": self.data_ept_refs_for_tables,

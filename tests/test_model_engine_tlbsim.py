@@ -1,0 +1,70 @@
+"""Walk accounting on the model engine (``tlb="fast"|"detailed"``): the guest's own INVLPG and MOV to
+CR3 reach the modelled TLB with their SDM effect (Vol. 3A 4.10.4.1), fast mode sees a subset of the
+detailed mode's misses, and bad options are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from hvm.engine import create_engine
+from hvm.engine.model import ModelEngine
+from hvm.errors import EngineUnavailable
+from hvm.exits import ExitKind
+from tests.test_model_engine_support import Tiny, entry_state, needs_as
+
+pytestmark = needs_as
+
+# Three reads of one page: the first misses, INVLPG drops it (the second misses), the third hits;
+# then MOV to CR3 (CR4.PCIDE = 0: all non-global entries go) and a fourth read misses again.
+GUEST = """
+mov rax, [0x400000]
+invlpg [0x400000]
+mov rax, [0x400000]
+mov rax, [0x400008]
+mov rbx, cr3
+mov cr3, rbx
+mov rax, [0x400010]
+hlt
+"""
+
+
+def run(tlb: str) -> dict[str, int]:
+    g = Tiny(GUEST, bits=64, mem=8 << 20)
+    g.engine.close()
+    g.engine = ModelEngine(g.memory, tlb=tlb)
+    g.engine.set_state(entry_state(64))
+    try:
+        assert g.run()[-1].kind is ExitKind.HLT
+        return g.engine.counters()
+    finally:
+        g.close()
+
+
+def test_detailed_mode_sees_invlpg_and_mov_to_cr3() -> None:
+    c = run("detailed")
+    assert c["tlb.data_misses"] == 3 and c["tlb.data_accesses"] == 4
+    assert c["tlb.invalidations.invlpg"] == 1 and c["tlb.invalidations.mov_cr3"] == 1
+    assert c["tlb.walk_mismatches"] == 0 and c["tlb.alias_fills"] == 0 and c["tlb.unattributed"] == 0
+    # the loader's tables map 2-MiB pages, the engine's EPT too: each walk reads 3 guest levels and
+    # 3 EPT levels for each of the 4 GPAs (SDM 4.5, 29.3.2): (3+1)(3+1)-1 = 15
+    assert c["tlb.data_walk_refs"] == 3 * 15
+    assert c["tlb.modelled_walk_cycles"] == c["tlb.walk_refs"] * 12
+
+
+def test_fast_mode_sees_at_most_the_detailed_misses() -> None:
+    fast, detailed = run("fast"), run("detailed")
+    assert 1 <= fast["tlb.data_misses"] <= detailed["tlb.data_misses"]
+    assert fast["tlb.mode_detailed"] == 0 and fast["tlb.walk_mismatches"] == 0
+
+
+def test_bad_tlb_options_are_one_line_errors() -> None:
+    from hvm.vmm.memory import GuestMemory
+
+    memory = GuestMemory(2 << 20)
+    try:
+        with pytest.raises(EngineUnavailable, match="'fast' or 'detailed'"):
+            create_engine("model", memory, {"tlb": "exact"})
+        with pytest.raises(EngineUnavailable, match="tlb_caches"):
+            create_engine("model", memory, {"tlb": "fast", "tlb_caches": -1})
+    finally:
+        memory.close()
