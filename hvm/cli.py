@@ -355,6 +355,11 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+def _measured(c) -> str:
+    """A comparison's measured figure with its unit, or why there is none."""
+    return "not measured" if c.measured is None else f"{c.measured:,} {c.figure.unit}"
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from hvm.lab import EXPERIMENTS, run_experiment
 
@@ -372,7 +377,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             for c in sec.comparisons:
                 print(
                     f"{sec.experiment.name}: {c.figure.label}: chapter {c.figure.value:,} {c.figure.unit}, "
-                    f"{c.engine} {c.measured:,} {c.figure.unit}"
+                    f"{c.engine} {_measured(c)}"
                 )
         print(f"wrote {out / 'report.md'}, {out / 'report.html'}")
         return 0
@@ -394,7 +399,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         for c in exp.compare(rows):
             print(
                 f"{c.figure.label}: chapter {c.figure.value:,} {c.figure.unit}; {c.engine}: "
-                f"{c.measured:,} {c.figure.unit} — {c.why}"
+                f"{_measured(c)} — {c.why}"
             )
     return 0
 

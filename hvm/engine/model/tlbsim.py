@@ -128,7 +128,10 @@ class TranslationAccounting:
         vpid = eng.vmcs.peek(VmcsField.VIRTUAL_PROCESSOR_ID) if latched.proc2 & _ENABLE_VPID else 0
         pdptes: tuple[int, ...] = ()
         if eng.shadow is None and cr0 & _CR0_PG and cr4 & _CR4_PAE and not efer & (1 << 10):
-            pdptes = tuple(eng.host.read_u64(self._hpa((cr3 & 0xFFFF_FFE0) + 8 * i)) for i in range(4))
+            try:
+                pdptes = tuple(eng.host.read_u64(self._hpa((cr3 & 0xFFFF_FFE0) + 8 * i)) for i in range(4))
+            except Exception:  # noqa: BLE001 - the engine's walk reports a bad CR3; these walks fault
+                pdptes = (0, 0, 0, 0)
         eptp = latched.eptp if ept else None
         regs = PagingRegs(cr0, cr3, cr4, efer, pdptes)
         if eng.shadow is not None:
@@ -148,7 +151,9 @@ class TranslationAccounting:
         ctx = self.context()
         try:
             hpa, walk = self.model.translate(ctx, la, fetch)
-        except WalkFault:
+        except (WalkFault, IndexError, ValueError):
+            # Not present, or tables outside memory: the engine's own walk reports what the guest
+            # did wrong (a #PF, an EPT violation); the accounting walk only counts it.
             self.walk_faults += 1
             return
         if walk is not None:
