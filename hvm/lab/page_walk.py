@@ -217,6 +217,7 @@ def model_row(mode_name: str, guest: str, page_size: int, ept_levels: int | None
                                 if k.startswith("tlb.misses_by_page_size.")},
         "tlb_page_size": effective,
         "vm_exits": exits,
+        "shadow_hidden_faults": counters.get("shadow_hidden_faults"),  # #PF exits that filled the shadow
         "modelled_cycles": cost_walk + cost_exits,
         "modelled_walk_cycles": cost_walk,
         "walk_mismatches": counters.get("tlb.walk_mismatches", 0),
@@ -414,6 +415,11 @@ def compare(rows: list[Row]) -> list[Comparison]:
         r = _find(kvm, page_size=PAGE_4K) or kvm[0]
         stats = r["kvm_mmu_stats"]
         shown = ", ".join(f"{k}={v}" for k, v in stats.items() if v)
+        twin = _find(model, mode="shadow", guest="4", page_size=PAGE_4K, n=r["n"],
+                     region_pages=r["region_pages"])
+        if twin is not None:
+            shown += (f" (the model's shadow paging took {twin['shadow_hidden_faults']} hidden-#PF exits "
+                      "on the same guest)")
         out.append(Comparison(FIGURES[0], "kvm", None, (
             f"not measurable here: KVM on PVM has no EPT, its MMU shadows the guest's tables, so there is no "
             f"2-D walk to count; for {r['n']} random reads of {r['region_pages']} pages the kernel counted "
