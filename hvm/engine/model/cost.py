@@ -41,3 +41,25 @@ class CostModel:
         if kind in NOT_VM_EXITS:
             return 0
         return self.transition + (self.handling.get(kind, 0) if kind is not None else 0)
+
+
+# --- address translation (the context-switch experiment) -------------------------------------
+
+#: Memory references of one TLB-miss walk. Shadow paging: the processor walks the 4-level shadow
+#: tables (SDM Vol. 3A 4.5), 4 references. EPT: each of the guest's 4 paging-structure references
+#: and the final guest-physical address go through a 4-level EPT walk: (4 + 1) * (4 + 1) - 1 = 24
+#: references, the worst case of a two-dimensional walk, n*m + n + m for n guest and m nested
+#: levels (Bhargava, Serebrin, Spadini, Manne, "Accelerating Two-Dimensional Page Walks for
+#: Virtualized Systems", ASPLOS 2008). The chapter's w_g * w_h counts only the nested part.
+WALK_REFS_SHADOW = 4
+WALK_REFS_EPT_4_ON_4 = 24
+#: Cycles per walk reference, a lower bound: every reference hits the L1 data cache, whose
+#: load-to-use latency is 4 cycles on Skylake-class cores (Intel 64 and IA-32 Architectures
+#: Optimization Reference Manual, Skylake microarchitecture, L1 data cache latency). References
+#: that miss cost more; paging-structure caches, which skip references, are not modelled.
+WALK_REF_CYCLES = 4
+
+
+def walk_cycles(fills: int, refs_per_walk: int, cycles_per_ref: int = WALK_REF_CYCLES) -> int:
+    """Modelled cycles of ``fills`` TLB-miss walks of ``refs_per_walk`` references each."""
+    return fills * refs_per_walk * cycles_per_ref
