@@ -166,3 +166,42 @@ def expected_ctxsw_line(p: int, n: int, k: int, x: int) -> str:
 def test_ctxsw_result_is_the_specified_one(paging: str) -> None:
     result, _ = run("ctxsw", "p=5 n=23 k=3 x=2", paging=paging)
     assert result.console.decode() == expected_ctxsw_line(5, 23, 3, 2)
+
+
+@pytest.mark.parametrize("design", ["pio", "mmio", "dirty_poll"])
+def test_iobench_devices_work_under_shadow_paging(design: str) -> None:
+    """Port I/O, MMIO (met at a #PF exit: no EPT violation without EPT) and the dirty-page doorbell
+    (dirty logging by write protection instead of EPT dirty flags) on the I/O experiment's guest."""
+    from hvm.devices.cmddev import CommandDevice
+    from hvm.lab.io_exits import DESIGNS, DIRTY_GPA, DIRTY_PAGES, MMIO_BASE, PIO_BASE, REG_SPAN
+
+    results = {}
+    for paging in ("ept", "shadow"):
+        m = Machine(MachineConfig(engine="model", mem_size=64 << 20, console=lambda b: None,
+                                  engine_options={"paging": paging}))
+        try:
+            dev = CommandDevice(m.memory, record_seqs=True)
+            if design == "pio":
+                m.pio.register(PIO_BASE, REG_SPAN, dev)
+            elif design == "mmio":
+                m.mmio.register(MMIO_BASE, 0x1000, dev)
+            else:
+                region = m.add_ram_region(DIRTY_GPA, DIRTY_PAGES * 4096, log_dirty=True)
+                engine = m.engine
+                m.add_poller(0.001, lambda e=engine, d=dev, r=region: d.harvest(e.harvest_dirty(r)))
+            m.load(guests.image_path("iobench"), append=f"design={DESIGNS[design]} r=300 w=30 cpl=3")
+            result = m.run(timeout=60)
+        finally:
+            m.close()
+        line = result.console.decode()
+        assert result.exit_status == 1, line
+        assert "sent=30 completed=30" in line and "bad_results=0" in line
+        assert dev.stats.seqs == list(range(30))
+        results[paging] = result
+    shadow = results["shadow"].engine_counters
+    assert "exit_reason.EPT_VIOLATION" not in shadow
+    if design == "mmio":
+        assert results["shadow"].exits["mmio"] == results["ept"].exits["mmio"]
+        assert shadow["exit_reason.EXCEPTION_NMI"] >= results["shadow"].exits["mmio"]
+    if design == "dirty_poll":
+        assert dev.stats.harvests >= 1

@@ -384,7 +384,9 @@ class ModelEngine(Engine):
         self.host.add(region.gpa, view)
         self.uc.mem_map_ptr(region.gpa, region.size, UC_PROT_ALL, region.host_addr)
         self.ept.map(region.gpa, region.gpa, region.size)
-        if region.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        if region.flags & KVM_MEM_LOG_DIRTY_PAGES and self.shadow is not None:
+            self.shadow.mmu.log_dirty(region.gpa, region.size)  # no EPT: write protection logs
+        elif region.flags & KVM_MEM_LOG_DIRTY_PAGES:
             # Dirty logging is EPT's accessed and dirty flags (SDM 29.3.5): turn them on in the EPTP.
             pointer = Eptp.decode(self.vmcs.vmread(F.EPT_POINTER))
             if not pointer.accessed_dirty:
@@ -396,6 +398,8 @@ class ModelEngine(Engine):
         """Pages of ``region`` whose EPT dirty flag is set; the flags are cleared and INVEPT done."""
         if not region.flags & KVM_MEM_LOG_DIRTY_PAGES:
             raise ValueError(f"slot {region.slot} does not log dirty pages")
+        if self.shadow is not None:
+            return self.shadow.mmu.harvest_dirty(region.gpa, region.size)
         dirty = []
         for index in range(region.size // PAGE):
             entry = self._ept_leaf(region.gpa + index * PAGE)
