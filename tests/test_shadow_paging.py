@@ -205,3 +205,12 @@ def test_iobench_devices_work_under_shadow_paging(design: str) -> None:
         assert shadow["exit_reason.EXCEPTION_NMI"] >= results["shadow"].exits["mmio"]
     if design == "dirty_poll":
         assert dev.stats.harvests >= 1
+
+
+@needs_kvm
+def test_kvm_runs_the_paging_check_as_the_model_does() -> None:
+    """On this host KVM virtualizes memory with its shadow MMU (PVM, no EPT); the guest cannot tell."""
+    model, _ = run("ctxsw", "check", paging="shadow")
+    kvm, _ = run("ctxsw", "check", engine="kvm")
+    assert kvm.console == model.console and kvm.exit_status == model.exit_status == 1
+    assert "tlb_flush" in kvm.engine_counters and "mmu_pte_write" in kvm.engine_counters
