@@ -197,3 +197,17 @@ def test_verified_policy_maps_only_what_was_checked(g: Guest) -> None:
     assert mmu.lookup(VA, Access.FETCH, False) is None
     mmu.fill(VA, Access.FETCH)
     assert mmu.lookup(VA, Access.FETCH, False) is not None
+
+
+def test_dirty_logging_by_write_protection(g: Guest) -> None:
+    g.map(0, 0x40000, P | RW | US | A | D)
+    g.map(1, 0x41000, P | RW | US | A | D)
+    mmu = g.mmu()
+    mmu.log_dirty(0x40000, 0x2000)
+    mmu.fill(VA, Access.READ)
+    assert mmu.lookup(VA, Access.WRITE, False) is None  # clean: read-only although the guest allows writes
+    mmu.fill(VA, Access.WRITE)  # the write fault logs the page
+    assert mmu.lookup(VA, Access.WRITE, False) is not None
+    assert mmu.harvest_dirty(0x40000, 0x2000) == [0]
+    assert mmu.lookup(VA, Access.WRITE, False) is None  # clean again after the harvest
+    assert mmu.harvest_dirty(0x40000, 0x2000) == []

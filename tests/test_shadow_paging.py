@@ -91,7 +91,7 @@ def test_the_vmcs_is_set_as_without_ept() -> None:
 
 def test_shadow_exits_match_what_the_guest_does() -> None:
     n = 40
-    result, _ = run("ctxsw", f"p=3 n={n} k=4", paging="shadow")
+    result, _ = run("ctxsw", f"p=3 n={n} k=4 x=0", paging="shadow")
     c = result.engine_counters
     # ctxsw.s loads CR3 once and sets CR0.PG once; ctxsw.c loads CR3 n times and once more at the end.
     assert c["exit_reason.CR_ACCESS"] == (n + 2) + 1
@@ -113,8 +113,8 @@ def test_cached_roots_make_faults_independent_of_the_switch_count() -> None:
 
 
 def test_vpid_off_flushes_the_tlb_at_every_exit_and_entry() -> None:
-    on, _ = run("ctxsw", "p=3 n=30 k=4", paging="shadow")
-    off, _ = run("ctxsw", "p=3 n=30 k=4", paging="shadow", vpid=False)
+    on, _ = run("ctxsw", "p=3 n=30 k=4 x=1", paging="shadow")
+    off, _ = run("ctxsw", "p=3 n=30 k=4 x=1", paging="shadow", vpid=False)
     assert off.console == on.console
     assert on.engine_counters["vpid_flushes"] == 0
     assert off.engine_counters["vpid_flushes"] >= off.engine_counters["exits"]
@@ -150,18 +150,67 @@ def test_the_paging_guest_prints_what_qemu_prints(append: str) -> None:
     assert shadow.exit_status == qemu.returncode == 1
 
 
-def expected_ctxsw_line(p: int, n: int, k: int) -> str:
+def expected_ctxsw_line(p: int, n: int, k: int, x: int) -> str:
     """ctxsw's result line from its specification (src/ctxsw.c's header), computed here."""
     words = {(q, i): q << 16 | i for q in range(p) for i in range(k)}
     total = 0
     for s in range(n):
-        for i in range(k):
-            total += words[s % p, i]
-            words[s % p, i] += 1
-    return f"ctxsw p={p} n={n} k={k} sum={total & 0xFFFFFFFF:#x} isolation=ok\n"
+        for _ in range(x + 1):
+            for i in range(k):
+                total += words[s % p, i]
+                words[s % p, i] += 1
+    return f"ctxsw p={p} n={n} k={k} x={x} sum={total & 0xFFFFFFFF:#x} isolation=ok\n"
 
 
 @pytest.mark.parametrize("paging", ["ept", "shadow"])
 def test_ctxsw_result_is_the_specified_one(paging: str) -> None:
-    result, _ = run("ctxsw", "p=5 n=23 k=3", paging=paging)
-    assert result.console.decode() == expected_ctxsw_line(5, 23, 3)
+    result, _ = run("ctxsw", "p=5 n=23 k=3 x=2", paging=paging)
+    assert result.console.decode() == expected_ctxsw_line(5, 23, 3, 2)
+
+
+@pytest.mark.parametrize("design", ["pio", "mmio", "dirty_poll"])
+def test_iobench_devices_work_under_shadow_paging(design: str) -> None:
+    """Port I/O, MMIO (met at a #PF exit: no EPT violation without EPT) and the dirty-page doorbell
+    (dirty logging by write protection instead of EPT dirty flags) on the I/O experiment's guest."""
+    from hvm.devices.cmddev import CommandDevice
+    from hvm.lab.io_exits import DESIGNS, DIRTY_GPA, DIRTY_PAGES, MMIO_BASE, PIO_BASE, REG_SPAN
+
+    results = {}
+    for paging in ("ept", "shadow"):
+        m = Machine(MachineConfig(engine="model", mem_size=64 << 20, console=lambda b: None,
+                                  engine_options={"paging": paging}))
+        try:
+            dev = CommandDevice(m.memory, record_seqs=True)
+            if design == "pio":
+                m.pio.register(PIO_BASE, REG_SPAN, dev)
+            elif design == "mmio":
+                m.mmio.register(MMIO_BASE, 0x1000, dev)
+            else:
+                region = m.add_ram_region(DIRTY_GPA, DIRTY_PAGES * 4096, log_dirty=True)
+                engine = m.engine
+                m.add_poller(0.001, lambda e=engine, d=dev, r=region: d.harvest(e.harvest_dirty(r)))
+            m.load(guests.image_path("iobench"), append=f"design={DESIGNS[design]} r=300 w=30 cpl=3")
+            result = m.run(timeout=60)
+        finally:
+            m.close()
+        line = result.console.decode()
+        assert result.exit_status == 1, line
+        assert "sent=30 completed=30" in line and "bad_results=0" in line
+        assert dev.stats.seqs == list(range(30))
+        results[paging] = result
+    shadow = results["shadow"].engine_counters
+    assert "exit_reason.EPT_VIOLATION" not in shadow
+    if design == "mmio":
+        assert results["shadow"].exits["mmio"] == results["ept"].exits["mmio"]
+        assert shadow["exit_reason.EXCEPTION_NMI"] >= results["shadow"].exits["mmio"]
+    if design == "dirty_poll":
+        assert dev.stats.harvests >= 1
+
+
+@needs_kvm
+def test_kvm_runs_the_paging_check_as_the_model_does() -> None:
+    """On this host KVM virtualizes memory with its shadow MMU (PVM, no EPT); the guest cannot tell."""
+    model, _ = run("ctxsw", "check", paging="shadow")
+    kvm, _ = run("ctxsw", "check", engine="kvm")
+    assert kvm.console == model.console and kvm.exit_status == model.exit_status == 1
+    assert "tlb_flush" in kvm.engine_counters and "mmu_pte_write" in kvm.engine_counters

@@ -32,8 +32,8 @@ references per miss are exact for the model; by default the paging-structure cac
 (``caches`` 0), so each miss makes the SDM's full walk, and ``caches`` N turns on N-entry
 paging-structure caches, guest-physical mappings and EPT paging-structure caches.
 
-Modelled cycles = walk references x :attr:`CostModel.walk_ref` (12, a Skylake L2 hit) + VM exits
-x the cost model's 2,000-cycle transition.
+Modelled cycles = walk references x :attr:`CostModel.walk_ref` (4, a Skylake L1 hit: a lower
+bound, see :mod:`hvm.engine.model.cost`) + VM exits x the cost model's 2,000-cycle transition.
 
 On KVM (item 6) the same 64-bit guest runs at CPL 3 under 4-level paging (the only mode that
 runs natively on this PVM host), and the kernel's MMU counters are read before and after from
@@ -431,6 +431,8 @@ def compare(rows: list[Row]) -> list[Comparison]:
 def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     import matplotlib
 
+    from hvm.engine.model.cost import CostModel
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -451,7 +453,8 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     a.legend(fontsize=7)
     b.barh(y, [r["modelled_cycles"] for r in model], color=[colors[r["mode"]] for r in model])
     b.set_xscale("log")
-    b.set_xlabel("modelled cycles (walk refs x 12 + VM exits x 2000)")
+    cost = CostModel()
+    b.set_xlabel(f"modelled cycles (walk refs x {cost.walk_ref} + VM exits x {cost.transition:,})")
     fig.suptitle("Page walks: native vs EPT vs shadow (model engine, detailed TLB)")
     fig.tight_layout()
     path = out_dir / "page-walk.png"

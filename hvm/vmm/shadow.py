@@ -151,7 +151,8 @@ class ShadowMmu:
     def __init__(self, tables: TableMemory, guest, ram_size: int, regs: Callable[[], PagingRegs],
                  flush: Callable[[], None], *, pool_base: int, pool_pages: int,
                  max_roots: int = DEFAULT_MAX_ROOTS, policy: Policy = Policy.GUEST,
-                 root_init: Callable[[int], None] | None = None) -> None:
+                 root_init: Callable[[int], None] | None = None,
+                 is_ram: Callable[[int], bool] | None = None) -> None:
         if max_roots < 1:
             raise ValueError("max_roots must be at least 1")
         self.tables = tables
@@ -164,7 +165,10 @@ class ShadowMmu:
         self.max_roots = max_roots
         self.policy = policy
         self.root_init = root_init
+        self.is_ram = is_ram or (lambda gpa: 0 <= gpa < ram_size)
         self.stats = ShadowStats()
+        self.logged: list[tuple[int, int]] = []  # guest-physical ranges with dirty logging
+        self.dirty: set[int] = set()  # frames of logged ranges written since the last harvest
         self.protected: dict[int, str] = {}  # guest frame -> "page table" or "gdt"
         self.gdt_frames: set[int] = set()
         self._roots: OrderedDict[tuple[int, int, int, int], _Root] = OrderedDict()
@@ -292,7 +296,7 @@ class ShadowMmu:
             self.stats.guest_faults += 1
             return Fill(fault=result)
         frame = result.address & ~(PAGE - 1)
-        if frame + PAGE > self.ram_size:
+        if not self.is_ram(frame):
             return Fill(not_ram=result.address)
         mode = regs.mode
         tables = frozenset(ref & ~(PAGE - 1) for ref in result.refs)
@@ -309,6 +313,11 @@ class ShadowMmu:
                 entry |= _XD
         else:
             entry |= self._guest_rights(regs, result, access, user, frame)
+        if self.logged and self._is_logged(frame):
+            if access is Access.WRITE and entry & _RW:
+                self.dirty.add(frame)  # the write is about to land: log it
+            elif frame not in self.dirty:
+                entry &= ~_RW  # clean: the first write must fault, to be logged
         try:
             leaf = self._leaf(root, la)
         except PoolExhausted:
@@ -374,14 +383,7 @@ class ShadowMmu:
         if frame in self.protected:
             return
         self.protected[frame] = why
-        downgraded = False
-        tables = self.tables
-        for leaf in self._rmap.get(frame, ()):
-            entry = tables.read_u64(leaf)
-            if entry & _RW:
-                tables.write_u64(leaf, entry & ~_RW)
-                downgraded = True
-        if downgraded:
+        if self._write_protect(frame):
             self.flush()
 
     def _unlink(self, leaf: int) -> None:
@@ -408,6 +410,39 @@ class ShadowMmu:
         for leaf in list(leaves):
             self._zap(leaf)
         return True
+
+    # --- dirty logging (what EPT's dirty flags give the VMM, done with write protection) -------
+    def log_dirty(self, gpa: int, size: int) -> None:
+        """Log writes to [gpa, gpa + size): its pages are mapped read-only until written."""
+        self.logged.append((gpa, size))
+        for frame in range(gpa, gpa + size, PAGE):
+            self._write_protect(frame)
+        self.flush()
+
+    def _is_logged(self, frame: int) -> bool:
+        return any(base <= frame < base + size for base, size in self.logged)
+
+    def _write_protect(self, frame: int) -> bool:
+        downgraded = False
+        for leaf in self._rmap.get(frame, ()):
+            entry = self.tables.read_u64(leaf)
+            if entry & _RW:
+                self.tables.write_u64(leaf, entry & ~_RW)
+                downgraded = True
+        return downgraded
+
+    def harvest_dirty(self, gpa: int, size: int) -> list[int]:
+        """Page indices of [gpa, gpa + size) written since the last harvest; they are clean again
+        (write-protected) afterwards."""
+        pages = sorted((frame - gpa) // PAGE for frame in self.dirty if gpa <= frame < gpa + size)
+        downgraded = False
+        for index in pages:
+            frame = gpa + index * PAGE
+            self.dirty.discard(frame)
+            downgraded |= self._write_protect(frame)
+        if downgraded:
+            self.flush()
+        return pages
 
     # --- faults on present entries, INVLPG, the hypervisor's own writes --------------------
     def frame_of(self, la: int) -> int | None:

@@ -9,6 +9,8 @@ when the model processor must act:
 * a **translation misses** Unicorn's TLB: ``UC_TLB_VIRTUAL`` hands every linear address to
   :meth:`ModelEngine._fill`, which walks the guest's page tables and then EPT (the 2-D walk,
   :mod:`hvm.vtx.paging` and :mod:`hvm.vtx.ept`) and decides the permissions Unicorn may cache;
+  with ``paging="shadow"`` (EPT off) it walks the VMM's shadow tables instead, and a miss there is
+  a #PF VM exit that the shadow MMU handles (:mod:`~hvm.engine.model.shadow_paging`);
 * the guest raises an **exception** (Unicorn reports, the model delivers it through the IDT
   or exits, :mod:`~hvm.engine.model.events`), or touches **MMIO** (an EPT violation on a
   guest-physical address with no RAM, which reaches the VMM as an ``mmio`` exit).
@@ -392,7 +394,9 @@ class ModelEngine(Engine):
         self.host.add(region.gpa, view)
         self.uc.mem_map_ptr(region.gpa, region.size, UC_PROT_ALL, region.host_addr)
         self.ept.map(region.gpa, region.gpa, region.size)
-        if region.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        if region.flags & KVM_MEM_LOG_DIRTY_PAGES and self.shadow is not None:
+            self.shadow.mmu.log_dirty(region.gpa, region.size)  # no EPT: write protection logs
+        elif region.flags & KVM_MEM_LOG_DIRTY_PAGES:
             # Dirty logging is EPT's accessed and dirty flags (SDM 29.3.5): turn them on in the EPTP.
             pointer = Eptp.decode(self.vmcs.vmread(F.EPT_POINTER))
             if not pointer.accessed_dirty:
@@ -404,6 +408,8 @@ class ModelEngine(Engine):
         """Pages of ``region`` whose EPT dirty flag is set; the flags are cleared and INVEPT done."""
         if not region.flags & KVM_MEM_LOG_DIRTY_PAGES:
             raise ValueError(f"slot {region.slot} does not log dirty pages")
+        if self.shadow is not None:
+            return self.shadow.mmu.harvest_dirty(region.gpa, region.size)
         dirty = []
         for index in range(region.size // PAGE):
             entry = self._ept_leaf(region.gpa + index * PAGE)

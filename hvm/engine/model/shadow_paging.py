@@ -89,7 +89,7 @@ class ShadowPaging:
         self.eng = eng
         self.tables = TablePages(SHADOW_BASE, SHADOW_PAGES)
         self.mmu = ShadowMmu(self.tables, eng.host, eng.memory.size, self.guest_regs, eng._flush_tlb,
-                             pool_base=SHADOW_BASE, pool_pages=SHADOW_PAGES)
+                             pool_base=SHADOW_BASE, pool_pages=SHADOW_PAGES, is_ram=eng.host.is_ram)
         self.hidden_faults = 0  # #PF exits the hypervisor fixed (shadow entry installed)
         self.true_faults = 0  # #PF exits reflected to the guest
         self._reflected: Event | None = None

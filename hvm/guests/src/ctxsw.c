@@ -7,18 +7,21 @@
  *     p=P  processes, 1..8                                   (default 4)
  *     n=N  CR3 switches                                       (default 1000)
  *     k=K  pages each process touches per time slice, 1..64   (default 8)
+ *     x=X  writes to port 0x80 per time slice, 0..16 (default 1): each is a
+ *          VM exit in the middle of the slice (a device access, say)
  *     check                  run the paging self-check instead (see below)
  *
  * Processes: each has its own page-table tree (PML4, PDPT, PD, PT) that maps the
  * kernel's identity map (PML4[0], shared) and, at the same linear address
  * USER_VA, K 4-KiB pages of its own.  Word 0 of process p's page i starts as
  * p << 16 | i.  Switch s (s = 0..N-1) loads CR3 with process s % P's PML4 and,
- * for each of its K pages, reads word 0 into the sum and writes it back plus 1
- * (the access sets the accessed and dirty flags, SDM Vol. 3A 4.8).  At the end
- * the kernel checks every page through the identity map: process p's words must
- * have grown by exactly the number of slices p ran (no page reached through the
- * wrong CR3), and prints one line
- *     ctxsw p=P n=N k=K sum=0xXXXXXXXX isolation=ok|bad
+ * makes X + 1 passes over its K pages, with one write of the pass number to
+ * port 0x80 between passes; a pass reads word 0 of each page into the sum and
+ * writes it back plus 1 (the access sets the accessed and dirty flags, SDM Vol.
+ * 3A 4.8).  At the end the kernel checks every page through the identity map:
+ * process p's words must have grown by exactly X + 1 per slice p ran (no page
+ * reached through the wrong CR3), and prints one line
+ *     ctxsw p=P n=N k=K x=X sum=0xXXXXXXXX isolation=ok|bad
  * and exits (isa-debug-exit) with 0 if isolation held, else 1.
  *
  * check: on process 0's tree, with expected results from the SDM (Vol. 3A):
@@ -48,6 +51,7 @@ typedef unsigned long uptr;
 #define LSR_THRE 0x20
 #define THRE_POLL_LIMIT 0xFFFF
 #define EXIT_PORT 0xF4
+#define POST_PORT 0x80
 
 #define MAXP 8
 #define MAXK 64
@@ -204,24 +208,28 @@ void ctxsw_trap(u64 *frame) /* vector, error, rip, cs, rflags, rsp, ss */
 
 /* ------------------------------------------------------------- the experiment */
 
-static u32 run(u32 p, u32 n, u32 k)
+static u32 run(u32 p, u32 n, u32 k, u32 x)
 {
     for (u32 q = 0; q < p; q++)
         build_tree(q, k);
     u64 sum = 0;
     for (u32 s = 0; s < n; s++) {
         load_cr3((uptr)trees[s % p].pml4);
-        for (u32 i = 0; i < k; i++) {
-            volatile u64 *w = user_page(i);
-            u64 v = *w;
-            sum += v;
-            *w = v + 1;
+        for (u32 pass = 0; pass <= x; pass++) {
+            if (pass)
+                outb(POST_PORT, (u8)pass);
+            for (u32 i = 0; i < k; i++) {
+                volatile u64 *w = user_page(i);
+                u64 v = *w;
+                sum += v;
+                *w = v + 1;
+            }
         }
     }
     load_cr3((uptr)ctxsw_pml4);
     u32 ok = 1;
     for (u32 q = 0; q < p; q++) {
-        u64 slices = n / p + (q < n % p ? 1 : 0);
+        u64 slices = (n / p + (q < n % p ? 1 : 0)) * (x + 1);
         for (u32 i = 0; i < k; i++)
             if (*(volatile u64 *)frames[q][i] != ((u64)q << 16 | i) + slices)
                 ok = 0;
@@ -232,6 +240,8 @@ static u32 run(u32 p, u32 n, u32 k)
     put_dec(n);
     puts(" k=");
     put_dec(k);
+    puts(" x=");
+    put_dec(x);
     puts(" sum=");
     put_hex(sum & 0xFFFFFFFF);
     puts(ok ? " isolation=ok\n" : " isolation=bad\n");
@@ -378,7 +388,7 @@ static u32 parse_u32(const char *s)
 void __attribute__((noreturn)) ctxsw_main(u32 cmdline)
 {
     setup_idt();
-    u32 p = 4, n = 1000, k = 8, do_check = 0;
+    u32 p = 4, n = 1000, k = 8, x = 1, do_check = 0;
     const char *s = (const char *)(uptr)cmdline;
     while (s && *s) {
         while (*s == ' ')
@@ -389,6 +399,8 @@ void __attribute__((noreturn)) ctxsw_main(u32 cmdline)
             n = parse_u32(s + 2);
         else if (s[0] == 'k' && s[1] == '=')
             k = parse_u32(s + 2);
+        else if (s[0] == 'x' && s[1] == '=')
+            x = parse_u32(s + 2);
         else if (word_is(s, "check"))
             do_check = 1;
         while (*s && *s != ' ')
@@ -396,9 +408,9 @@ void __attribute__((noreturn)) ctxsw_main(u32 cmdline)
     }
     if (do_check)
         guest_exit(check());
-    if (p < 1 || p > MAXP || k < 1 || k > MAXK) {
-        puts("ctxsw: error: p must be 1..8 and k 1..64\n");
+    if (p < 1 || p > MAXP || k < 1 || k > MAXK || x > 16) {
+        puts("ctxsw: error: p must be 1..8, k 1..64 and x 0..16\n");
         guest_exit(1);
     }
-    guest_exit(run(p, n, k));
+    guest_exit(run(p, n, k, x));
 }
