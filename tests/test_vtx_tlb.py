@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from hvm.vtx.ept import Eptp
 from hvm.vtx.paging import PAGE_2M, PAGE_4K, PagingMode
 from hvm.vtx.tlb import (
@@ -15,6 +18,7 @@ from hvm.vtx.tlb import (
     TlbModel,
     with_caches,
 )
+from hvm.vtx.walk import walk_2d
 from tests.test_vtx_walk import BASE, machine
 
 L4 = PagingMode.LEVEL4
@@ -214,3 +218,22 @@ def test_caches_shorten_the_walk() -> None:
     # the next 2-MiB region: the PDPTE cache locates the PD; its PDE and then a new PT's PTE are read
     _, walk = model.translate(ctx, LA + PAGE_2M)
     assert walk is not None and walk.guest_refs == 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(pages=st.lists(st.integers(0, 1023), min_size=1, max_size=40), caches=st.sampled_from([0, 2, 32]),
+       ept=st.booleans(), flush=st.integers(0, 40))
+def test_caches_never_change_the_translation(pages, caches, ept, flush) -> None:
+    """Whatever the TLB, paging-structure caches and guest-physical mappings hold, a translation reaches
+    the HPA of the uncached walk (SDM 4.10.3: cached entries are used instead of the entries in memory,
+    which here do not change)."""
+    model, ctx = setup(ept=ept, caches=caches)
+    reference, _ = setup(ept=ept)
+    for i, page in enumerate(pages):
+        la = LA + page * PAGE_4K + 8 * i
+        if i == flush:
+            model.invlpg(ctx, la)
+        hpa, walk = model.translate(ctx, la)
+        assert hpa == walk_2d(reference.mem, ctx.regs, la, ctx.eptp).hpa
+        if walk is not None:
+            assert walk.walk_refs <= (24 if ept else 4)
