@@ -69,3 +69,20 @@ def test_bad_tlb_options_are_one_line_errors() -> None:
             create_engine("model", memory, {"tlb": "fast", "tlb_caches": -1})
     finally:
         memory.close()
+
+
+def test_a_tlb_geometry_from_the_config() -> None:
+    # One 4-KiB DTLB entry and no STLB: the page read after another page misses again.
+    from hvm.vtx.paging import PAGE_2M, PAGE_4K
+    from hvm.vtx.tlb import SKYLAKE, ArrayConfig, TlbConfig
+
+    tiny = TlbConfig(itlb=SKYLAKE.itlb, dtlb=(ArrayConfig("d", 1, 1, (PAGE_4K, PAGE_2M)),), stlb=())
+    g = Tiny("mov rax, [0x400000]\nmov rax, [0x600000]\nmov rax, [0x400000]\nhlt", bits=64, mem=8 << 20)
+    g.engine.close()
+    g.engine = ModelEngine(g.memory, tlb="detailed", tlb_config=tiny)
+    g.engine.set_state(entry_state(64))
+    try:
+        assert g.run()[-1].kind is ExitKind.HLT
+        assert g.engine.counters()["tlb.data_misses"] == 3
+    finally:
+        g.close()

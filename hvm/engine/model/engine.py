@@ -134,6 +134,7 @@ from hvm.vtx.errors import VmxInstructionError
 from hvm.vtx.exit_reasons import EXIT_REASON_FAILED_VMENTRY, ExitReason
 from hvm.vtx.paging import Access, PageFault, PagingRegs, load_pdptes, translate
 from hvm.vtx.qualification import EptViolationQualification, InterruptionInfo
+from hvm.vtx.tlb import TlbConfig
 from hvm.vtx.vmcs import VmcsField
 
 F = VmcsField
@@ -226,7 +227,7 @@ class ModelEngine(Engine):
     name = "model"
 
     def __init__(self, memory: GuestMemory, *, cost: CostModel | None = None, paging: str = "ept",
-                 tlb: str | None = None, tlb_caches: int = 0) -> None:
+                 tlb: str | None = None, tlb_caches: int = 0, tlb_config: TlbConfig | None = None) -> None:
         if len(memory.regions) != 1 or memory.regions[0].gpa != 0:
             raise EngineUnavailable("the model engine supports guest RAM as one region at address 0")
         if paging not in ("ept", "shadow"):
@@ -321,7 +322,7 @@ class ModelEngine(Engine):
         uc.hook_add(UC_HOOK_INSN, self._on_platform_out, None, 1, 0, R.UC_X86_INS_OUT)
         uc.mmio_map(MMIO_WINDOW, PAGE, self._on_mmio_read, None, self._on_mmio_write, None)
         # Walk accounting through a modelled TLB (tlbsim): off unless asked for ("fast" or "detailed").
-        self.walks = TranslationAccounting(self, tlb, tlb_caches) if tlb else None
+        self.walks = TranslationAccounting(self, tlb, tlb_caches, tlb_config) if tlb else None
 
     # --- the Engine interface --------------------------------------------------------------
     def set_state(self, state: CpuState) -> None:

@@ -1,5 +1,9 @@
 """Walk accounting and the modelled TLB on the model engine: ``ModelEngine(memory, tlb="fast"|"detailed")``.
 
+``tlb_caches=N`` adds N-entry paging-structure caches, guest-physical mappings and EPT
+paging-structure caches; ``tlb_config`` (a :class:`hvm.vtx.tlb.TlbConfig`) replaces the default
+Skylake geometry (levels, entries and ways per page size).
+
 Every GVA -> HPA translation the modelled processor makes on a TLB miss is walked again by
 :func:`hvm.vtx.walk.walk_2d` (no side effects) through a :class:`hvm.vtx.tlb.TlbModel`, and its
 memory references are counted by kind: guest paging-structure reads per level, EPT reads per
@@ -50,7 +54,7 @@ from hvm.engine.model.decode import Insn, Op
 from hvm.errors import EngineUnavailable
 from hvm.vtx.controls import ProcBased2
 from hvm.vtx.paging import Access, PagingRegs
-from hvm.vtx.tlb import SKYLAKE, Context, InveptType, InvpcidType, TlbModel, with_caches
+from hvm.vtx.tlb import SKYLAKE, Context, InveptType, InvpcidType, TlbConfig, TlbModel, with_caches
 from hvm.vtx.vmcs import VmcsField
 from hvm.vtx.walk import RefKind, WalkFault
 
@@ -89,11 +93,14 @@ class _WithShadow:
 
 
 class TranslationAccounting:
-    def __init__(self, engine: ModelEngine, mode: str, caches: int = 0) -> None:
+    def __init__(self, engine: ModelEngine, mode: str, caches: int = 0,
+                 config: TlbConfig | None = None) -> None:
         check_options(mode, caches)
         self.engine = engine
         self.mode = mode
-        config = with_caches(SKYLAKE, caches) if caches else SKYLAKE
+        config = config or SKYLAKE  # the geometry: TLB levels, entries and ways per page size
+        if caches:
+            config = with_caches(config, caches)
         shadow = engine.shadow
         memory = engine.host if shadow is None else _WithShadow(engine.host, shadow.tables)
         self.model = TlbModel(memory, config)
