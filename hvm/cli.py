@@ -317,6 +317,18 @@ class _terminal:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved)
 
 
+def _list_param(value: str) -> list:
+    """A list parameter: JSON (``[[4, 4096]]``) or comma-separated values (``4,5`` or ``32,pae``)."""
+    for text in (value, f"[{value}]"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(parsed, list):
+            return parsed
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _params(pairs: list[str], defaults: dict) -> dict:
     out = {}
     for pair in pairs:
@@ -324,7 +336,7 @@ def _params(pairs: list[str], defaults: dict) -> dict:
         if not sep or key not in defaults:
             raise HvmError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(defaults)}")
         try:
-            out[key] = type(defaults[key])(value)
+            out[key] = _list_param(value) if isinstance(defaults[key], list) else type(defaults[key])(value)
         except ValueError:
             raise HvmError(f"--set {pair!r}: {value!r} is not a {type(defaults[key]).__name__}") from None
     return out
