@@ -86,3 +86,23 @@ def test_a_tlb_geometry_from_the_config() -> None:
         assert g.engine.counters()["tlb.data_misses"] == 3
     finally:
         g.close()
+
+
+@pytest.mark.parametrize("vpid", [True, False])
+def test_vm_exits_without_vpid_empty_the_modelled_tlb(vpid: bool) -> None:
+    # SDM 29.4.3.3: with "enable VPID" 0 every VM exit and entry invalidates the linear and combined
+    # mappings of VPID 0000H; with VPIDs they survive. The OUT exits to the VMM between the reads.
+    from hvm.vtx.controls import ProcBased2
+
+    g = Tiny("mov rax, [0x400000]\nmov dx, 0x500\nout dx, al\nmov rax, [0x400000]\nhlt", bits=64, mem=8 << 20)
+    g.engine.close()
+    g.engine = ModelEngine(g.memory, tlb="detailed")
+    g.engine.set_state(entry_state(64))
+    if not vpid:
+        g.controls(off2=ProcBased2.ENABLE_VPID)
+    try:
+        exits = g.run()
+        assert [e.kind for e in exits] == [ExitKind.IO, ExitKind.HLT]
+        assert g.engine.counters()["tlb.data_misses"] == (1 if vpid else 2)
+    finally:
+        g.close()

@@ -759,6 +759,8 @@ class ModelEngine(Engine):
         if not self.latched.proc2 & _ENABLE_VPID:
             self._flush_tlb()  # SDM 29.4.3.3: without VPIDs, VM exits invalidate linear mappings
             self.vpid_flushes += 1
+        if self.walks is not None:
+            self.walks.exited()
         self._pending = vmexit
         if vmexit.reason is ExitReason.TRIPLE_FAULT:
             self._shutdown = exit_

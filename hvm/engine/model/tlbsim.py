@@ -37,7 +37,8 @@ pages, :mod:`hvm.vmm.shadow`) with EPT off, and so does the accounting walk.
 
 Invalidations reach the modelled TLB as the SDM defines them: the guest's INVLPG, INVPCID and
 MOV to CR0/CR3/CR4 (seen by the engine's sensitive-instruction hooks), VM entry without VPIDs
-(SDM 29.4.3.3) and the VMM's INVEPT. Not counted: the four PDPTE loads of PAE paging on MOV to
+(SDM 29.4.3.3), VM exits without VPIDs -- those completed inside the engine too -- and the VMM's
+INVEPT. Not counted: the four PDPTE loads of PAE paging on MOV to
 CR3 (registers afterwards, SDM 4.4.1), walks that end in a fault, the engine's own accesses to
 guest memory (instruction decode, I/O emulation), and a data access's second page when it
 crosses a page boundary.
@@ -233,6 +234,11 @@ class TranslationAccounting:
 
     def entered(self) -> None:
         """VM entry: SDM 29.4.3.3 (no VPIDs: linear and combined mappings of VPID 0 go)."""
+        self._stale = True
+        self.model.vm_transition(bool(self.engine.latched.proc2 & _ENABLE_VPID))
+
+    def exited(self) -> None:
+        """A VM exit, also one completed inside the engine: SDM 29.4.3.3 as at VM entry."""
         self._stale = True
         self.model.vm_transition(bool(self.engine.latched.proc2 & _ENABLE_VPID))
 
