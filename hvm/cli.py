@@ -334,6 +334,18 @@ class _terminal:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved)
 
 
+def _list_param(value: str) -> list:
+    """A list parameter: JSON (``[[4, 4096]]``) or comma-separated values (``4,5`` or ``32,pae``)."""
+    for text in (value, f"[{value}]"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(parsed, list):
+            return parsed
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _params(pairs: list[str], defaults: dict) -> dict:
     out = {}
     for pair in pairs:
@@ -341,7 +353,7 @@ def _params(pairs: list[str], defaults: dict) -> dict:
         if not sep or key not in defaults:
             raise HvmError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(defaults)}")
         try:
-            out[key] = type(defaults[key])(value)
+            out[key] = _list_param(value) if isinstance(defaults[key], list) else type(defaults[key])(value)
         except ValueError:
             raise HvmError(f"--set {pair!r}: {value!r} is not a {type(defaults[key]).__name__}") from None
     return out
@@ -372,6 +384,11 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+def _measured(c) -> str:
+    """A comparison's measured figure with its unit, or why there is none."""
+    return "not measured" if c.measured is None else f"{c.measured:,} {c.figure.unit}"
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     from hvm.lab import EXPERIMENTS, run_experiment
 
@@ -389,7 +406,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             for c in sec.comparisons:
                 print(
                     f"{sec.experiment.name}: {c.figure.label}: chapter {c.figure.value:,} {c.figure.unit}, "
-                    f"{c.engine} {c.measured:,} {c.figure.unit}"
+                    f"{c.engine} {_measured(c)}"
                 )
         print(f"wrote {out / 'report.md'}, {out / 'report.html'}")
         return 0
@@ -411,7 +428,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         for c in exp.compare(rows):
             print(
                 f"{c.figure.label}: chapter {c.figure.value:,} {c.figure.unit}; {c.engine}: "
-                f"{c.measured:,} {c.figure.unit} — {c.why}"
+                f"{_measured(c)} — {c.why}"
             )
     return 0
 

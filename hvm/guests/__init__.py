@@ -21,6 +21,11 @@ Three image formats (:data:`GUEST_FORMAT`):
 ``flat64``
     A flat 64-bit binary (``longmode``): load at 0x100000 and start at its
     first byte in long mode, paging identity-mapping the first 4 GiB.
+    (``pwalk64`` too, but its loader is the page-walk experiment, which builds
+    the paging under test.)
+``flat32``
+    A flat 32-bit binary loaded at 0x100000 (``pwalk32``), entered in
+    protected mode by the page-walk experiment with its paging on.
 
 Every guest reports on COM1 and leaves through QEMU's isa-debug-exit device
 (:data:`EXIT_PORT`) with value 0, i.e. QEMU exit status ``(0 << 1) | 1 == 1``;
@@ -102,8 +107,14 @@ GUESTS: dict[str, str] = {
     "prints the evidence per probe and 'redpill: virtualized' or 'redpill: not detected'",
     "tscread": "N (n=N, default 4) RDTSC reads, then N RDTSCP reads if CPUID has it, each 64-bit value "
     "written as two 32-bit OUTs to port 0x530 (RDTSC) or 0x538 (RDTSCP); then 'tscread done N'",
+    "pwalk64": "the page-walk experiment's cold random-access guest (64-bit code, flat at 0x100000, entered "
+    "with paging on by hvm/lab/page_walk.py): RCX reads of random pages of the region at RDI (RSI+1 pages)",
+    "pwalk32": "pwalk64 in 32-bit code for 32-bit and PAE paging (EDI region, ESI pages-1, ECX reads)",
     "syscalls": "N (n=N, default 10000) 'system calls' at CPL 0, each a WRMSR of IA32_TSC_AUX with the "
     "call's number; then 'rdtscp yes|no', 'tsc_aux V' (RDTSCP or RDMSR) and 'syscalls done N'",
+    "ctxsw": "the context-switch experiment: p processes (own page tables, same linear addresses), "
+    "n CR3 switches, k pages touched per slice (p=P n=N k=K, default 4 1000 8), then one 'ctxsw ...' "
+    "line; 'check': accessed/dirty flags, remap + INVLPG, #PF error codes, CR0.WP; C, see src/ctxsw.c",
 }
 """Guest name -> what it does."""
 
@@ -121,13 +132,16 @@ GUEST_FORMAT: dict[str, str] = {
     "redpill": "multiboot",
     "tscread": "multiboot",
     "syscalls": "multiboot",
+    "pwalk64": "flat64",
+    "pwalk32": "flat32",
+    "ctxsw": "multiboot",
 }
-"""Guest name -> image format: ``multiboot``, ``flat16`` or ``flat64``."""
+"""Guest name -> image format: ``multiboot``, ``flat16``, ``flat32`` or ``flat64``."""
 
 DEFAULT_N: dict[str, int] = {"outloop": 1000, "spin": 1_000_000}
 """Value of ``n`` when the command line has no ``n=NUMBER``."""
 
-C_SOURCES: dict[str, tuple[str, ...]] = {"iobench": ("iobench.c",)}
+C_SOURCES: dict[str, tuple[str, ...]] = {"iobench": ("iobench.c",), "ctxsw": ("ctxsw.c",)}
 """Guest name -> freestanding C files in ``src/``.
 
 Such a guest is a multiboot image whose body is 64-bit: ``NAME.s`` includes

@@ -12,11 +12,13 @@ from hvm.lab.base import Experiment, Progress, Row, no_progress
 
 
 def _registry() -> dict[str, Experiment]:
-    from hvm.lab import io_exits, msr_bitmap, popek_goldberg, trap_emulate, tsc
+    from hvm.lab import context_switch, io_exits, msr_bitmap, page_walk, popek_goldberg, trap_emulate, tsc
 
     return {e.name: e for e in (
+        context_switch.EXPERIMENT,
         io_exits.EXPERIMENT,
         msr_bitmap.EXPERIMENT,
+        page_walk.EXPERIMENT,
         popek_goldberg.EXPERIMENT,
         trap_emulate.EXPERIMENT,
         tsc.EXPERIMENT,

@@ -9,6 +9,8 @@ when the model processor must act:
 * a **translation misses** Unicorn's TLB: ``UC_TLB_VIRTUAL`` hands every linear address to
   :meth:`ModelEngine._fill`, which walks the guest's page tables and then EPT (the 2-D walk,
   :mod:`hvm.vtx.paging` and :mod:`hvm.vtx.ept`) and decides the permissions Unicorn may cache;
+  with ``paging="shadow"`` (EPT off) it walks the VMM's shadow tables instead, and a miss there is
+  a #PF VM exit that the shadow MMU handles (:mod:`~hvm.engine.model.shadow_paging`);
 * the guest raises an **exception** (Unicorn reports, the model delivers it through the IDT
   or exits, :mod:`~hvm.engine.model.events`), or touches **MMIO** (an EPT violation on a
   guest-physical address with no RAM, which reaches the VMM as an ``mmio`` exit).
@@ -99,6 +101,9 @@ from hvm.engine.model.events import (
 from hvm.engine.model.host import HostMemory
 from hvm.engine.model.hostcpu import host_tsc
 from hvm.engine.model.instructions import GPR_IDS, RFLAGS_IOPL_SHIFT, RFLAGS_VM, Latched, VmExit, intercept
+from hvm.engine.model.shadow_paging import ShadowPaging, ShadowUnsupported
+from hvm.engine.model.tlbsim import TranslationAccounting
+from hvm.engine.model.tlbsim import check_options as check_tlb_options
 from hvm.engine.model.vmcs import (
     HLT_STATE,
     ExitInfo,
@@ -129,6 +134,7 @@ from hvm.vtx.errors import VmxInstructionError
 from hvm.vtx.exit_reasons import EXIT_REASON_FAILED_VMENTRY, ExitReason
 from hvm.vtx.paging import Access, PageFault, PagingRegs, load_pdptes, translate
 from hvm.vtx.qualification import EptViolationQualification, InterruptionInfo
+from hvm.vtx.tlb import TlbConfig
 from hvm.vtx.vmcs import VmcsField
 
 F = VmcsField
@@ -238,9 +244,13 @@ class ModelEngine(Engine):
 
     name = "model"
 
-    def __init__(self, memory: GuestMemory, *, cost: CostModel | None = None) -> None:
+    def __init__(self, memory: GuestMemory, *, cost: CostModel | None = None, paging: str = "ept",
+                 tlb: str | None = None, tlb_caches: int = 0, tlb_config: TlbConfig | None = None) -> None:
         if len(memory.regions) != 1 or memory.regions[0].gpa != 0:
             raise EngineUnavailable("the model engine supports guest RAM as one region at address 0")
+        if paging not in ("ept", "shadow"):
+            raise EngineUnavailable(f"the model engine's paging is 'ept' or 'shadow', not {paging!r}")
+        check_tlb_options(tlb, tlb_caches)
         self.memory = memory
         self.host = HostMemory(memory)
         self.cost = cost or CostModel()
@@ -268,6 +278,8 @@ class ModelEngine(Engine):
         self.vmcs = ModelVmcs()
         program_defaults(self.vmcs, eptp=self.ept.eptp, msr_bitmap=self.msr_bitmap,
                          io_bitmap_a=self.io_bitmap_a, io_bitmap_b=self.io_bitmap_b)
+        # paging="shadow": EPT off, the VMM's shadow page tables (hvm.engine.model.shadow_paging)
+        self.shadow: ShadowPaging | None = ShadowPaging(self) if paging == "shadow" else None
         self.latched: Latched = Latched.read(self.vmcs, self.host.view)
         # run state
         self._pending: VmExit | None = None  # the exit the next entry completes
@@ -309,6 +321,7 @@ class ModelEngine(Engine):
         self.exit_counts: Counter[ExitReason] = Counter()
         self.overhead_cycles = 0
         self.tlb_fills = 0
+        self.vpid_flushes = 0  # TLB flushes at VM exits and entries because "enable VPID" is 0
         self.last_exit: VmExit | None = None
         # host side
         self._kicked = False
@@ -326,6 +339,8 @@ class ModelEngine(Engine):
         uc.hook_add(UC_HOOK_INSN, self._on_platform_in, None, 1, 0, R.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_platform_out, None, 1, 0, R.UC_X86_INS_OUT)
         uc.mmio_map(MMIO_WINDOW, 2 * PAGE, self._on_mmio_read, None, self._on_mmio_write, None)
+        # Walk accounting through a modelled TLB (tlbsim): off unless asked for ("fast" or "detailed").
+        self.walks = TranslationAccounting(self, tlb, tlb_caches, tlb_config) if tlb else None
 
     # --- the Engine interface --------------------------------------------------------------
     def set_state(self, state: CpuState) -> None:
@@ -338,11 +353,17 @@ class ModelEngine(Engine):
         self._shutdown = None
         self._entry_regs = dict(state.regs)
         write_guest_state(self.vmcs, state)
+        if self.shadow is not None:
+            self.shadow.set_state(state)
 
     def get_state(self) -> CpuState:
         if self.vmcs.guest_written:
-            return load_guest_state(self.vmcs, self._entry_regs or self.cpu.store().regs)
-        return self.cpu.store()
+            state = load_guest_state(self.vmcs, self._entry_regs or self.cpu.store().regs)
+            if self.shadow is not None:
+                state.cr0 = self.vmcs.peek(F.CR0_READ_SHADOW)
+            return state
+        state = self.cpu.store()
+        return state if self.shadow is None else self.shadow.view(state)
 
     def run(self) -> Exit:
         if self._kicked:
@@ -353,6 +374,8 @@ class ModelEngine(Engine):
         exit_ = self._vm_entry()
         if exit_ is not None:
             return exit_
+        if self.walks is not None:
+            self.walks.entered()
         return self._execute()
 
     def complete_read(self, data: bytes) -> None:
@@ -390,7 +413,9 @@ class ModelEngine(Engine):
         self.host.add(region.gpa, view)
         self.uc.mem_map_ptr(region.gpa, region.size, UC_PROT_ALL, region.host_addr)
         self.ept.map(region.gpa, region.gpa, region.size)
-        if region.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        if region.flags & KVM_MEM_LOG_DIRTY_PAGES and self.shadow is not None:
+            self.shadow.mmu.log_dirty(region.gpa, region.size)  # no EPT: write protection logs
+        elif region.flags & KVM_MEM_LOG_DIRTY_PAGES:
             # Dirty logging is EPT's accessed and dirty flags (SDM 29.3.5): turn them on in the EPTP.
             pointer = Eptp.decode(self.vmcs.vmread(F.EPT_POINTER))
             if not pointer.accessed_dirty:
@@ -402,6 +427,8 @@ class ModelEngine(Engine):
         """Pages of ``region`` whose EPT dirty flag is set; the flags are cleared and INVEPT done."""
         if not region.flags & KVM_MEM_LOG_DIRTY_PAGES:
             raise ValueError(f"slot {region.slot} does not log dirty pages")
+        if self.shadow is not None:
+            return self.shadow.mmu.harvest_dirty(region.gpa, region.size)
         dirty = []
         for index in range(region.size // PAGE):
             entry = self._ept_leaf(region.gpa + index * PAGE)
@@ -445,7 +472,8 @@ class ModelEngine(Engine):
         return self._tsc_hz * self.latched.tsc.multiplier / (1 << 48)
 
     def capabilities(self) -> dict[str, bool]:
-        return {"ept": True, "vpid": True, "unrestricted_guest": True, "tsc_offsetting": True,
+        return {"ept": self.shadow is None, "shadow_paging": self.shadow is not None, "vpid": True,
+                "unrestricted_guest": self.shadow is None, "tsc_offsetting": True,
                 "tsc_scaling": True, "io_bitmaps": True, "msr_bitmaps": True, "exception_bitmap": True,
                 "mmio": True, "coalesced_mmio": True, "dirty_log": True, "irqchip": False,
                 "interrupt_injection": False, "nested": False}
@@ -455,7 +483,11 @@ class ModelEngine(Engine):
                "modelled_cycles_per_exit": self.cost.transition}
         out.update({f"exit_reason.{reason.name}": n for reason, n in sorted(self.exit_counts.items())})
         out.update({"tlb_fills": self.tlb_fills, "code_pages_scanned": self.code.scans,
-                    "sensitive_hooks": self.code.hook_count})
+                    "sensitive_hooks": self.code.hook_count, "vpid_flushes": self.vpid_flushes})
+        if self.shadow is not None:
+            out.update(self.shadow.counters())
+        if self.walks is not None:
+            out.update(self.walks.counters())
         return out
 
     def close(self) -> None:
@@ -488,6 +520,8 @@ class ModelEngine(Engine):
         """INVEPT (all contexts): forget cached EPT translations (SDM Vol. 3C 29.4.3.1)."""
         self._forget_ept()
         self._flush_tlb()
+        if self.walks is not None:
+            self.walks.invept()
 
     def _forget_ept(self) -> None:
         """EPT may have changed: drop the EPT cache and the guest walks made through it."""
@@ -557,6 +591,7 @@ class ModelEngine(Engine):
                 return exit_
         if not self.latched.proc2 & ProcBased2.ENABLE_VPID:
             self._flush_tlb()  # SDM 29.4.3.3: without VPIDs, VM entries invalidate linear mappings
+            self.vpid_flushes += 1
         return None
 
     def _complete_pending(self) -> None:
@@ -723,6 +758,8 @@ class ModelEngine(Engine):
 
     def _vm_exit(self, vmexit: VmExit) -> Exit | None:
         """Record a VM exit; returns what run() reports, or None for an exit finished in-engine."""
+        if self.shadow is not None and vmexit.exit is not None:
+            vmexit = self.shadow.complete_in_engine(vmexit) or vmexit  # the shadow MMU's exits
         if vmexit.exit is None:
             self._record(vmexit, None)
             self._pending = vmexit
@@ -737,6 +774,11 @@ class ModelEngine(Engine):
         info = vmexit.info
         halted = self._halted
         self.vmcs.hold(lambda: self._writeback(info, halted))
+        if not self.latched.proc2 & _ENABLE_VPID:
+            self._flush_tlb()  # SDM 29.4.3.3: without VPIDs, VM exits invalidate linear mappings
+            self.vpid_flushes += 1
+        if self.walks is not None:
+            self.walks.exited()
         self._pending = vmexit
         if vmexit.reason is ExitReason.TRIPLE_FAULT:
             self._shutdown = exit_
@@ -771,6 +813,8 @@ class ModelEngine(Engine):
             Exit(ExitKind.EXCEPTION, qualification=qualification, detail=describe(event)), reinject))
 
     def _handle_event(self, event: Event) -> Exit | None:
+        if self.shadow is not None and self.shadow.reflected(event):
+            return self._deliver(event)  # a true #PF: its VM exit was taken, the hypervisor injects it
         if self.latched.exception_exits(event):
             self.exception_exit(event, 0, self.uc.reg_read(R.UC_X86_REG_RIP))
             vmexit, self._exit = self._exit, None
@@ -838,6 +882,8 @@ class ModelEngine(Engine):
                 insn = self._decoded[key] = decode(code, address, cpu.code_bits)
             if insn is not None:
                 intercept(self, insn, address, cpu.rip)
+                if self.walks is not None:
+                    self.walks.sensitive(insn, cpu.rip)
         except EptExit as exit_:
             self.take_exit(exit_.vmexit)
         except Fault as fault:
@@ -935,6 +981,9 @@ class ModelEngine(Engine):
     def write_cr(self, cr: int, value: int) -> None:
         """A hypervisor completing a guest's MOV to CR: the register, and its read shadow."""
         uc = self.uc
+        if cr == 0 and self.shadow is not None:
+            self.shadow.write_cr0(value)
+            return
         if cr == 0:
             self.vmcs.store(F.CR0_READ_SHADOW, value)
             self.latched.cr0_shadow = value
@@ -1010,6 +1059,8 @@ class ModelEngine(Engine):
         (:meth:`_forget_ept`). With EPT accessed and dirty flags on, each walk also sets flags in EPT
         entries, so every walk is done in full.
         """
+        if self.shadow is not None:
+            return self.shadow.guest_walk(la, access, user)
         cpu = self.cpu
         cr0 = cpu.cr(0)
         efer = cpu.efer
@@ -1072,6 +1123,8 @@ class ModelEngine(Engine):
             hpa = self._translate(la, Access.WRITE)
             self.uc.mem_write(hpa, data[:chunk])  # through QEMU, so translated code it overwrites goes
             self.code.forget(hpa & _PAGE_MASK)
+            if self.shadow is not None:
+                self.shadow.guest_wrote(hpa)
             la, data = la + chunk, data[chunk:]
 
     def _implicit_supervisor(self, la: int) -> bool:
@@ -1086,6 +1139,10 @@ class ModelEngine(Engine):
     def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _: object) -> bool:
         try:
             return self._fill(vaddr, access, entry)
+        except ShadowUnsupported as why:
+            reason = ExitReason.EXCEPTION_NMI
+            self._exit = VmExit(reason, ExitInfo(int(reason), vaddr), Exit(
+                ExitKind.INTERNAL_ERROR, addr=vaddr, detail=f"model engine (shadow paging): {why}"))
         except EptExit as exit_:
             self._exit = self._exact(exit_.vmexit, vaddr, access)
         except Fault as fault:
@@ -1207,15 +1264,28 @@ class ModelEngine(Engine):
         cpu = self.cpu
         cpu.sync()
         kind = _ACCESS[access]
-        paging = bool(cpu.cr(0) & CR0_PG)
-        user = paging and cpu.cpl == 3 and not self._implicit_supervisor(vaddr)
-        gpa = self._guest_walk(vaddr, kind, user)
         step = self._mmio
-        if step is not None and gpa & _PAGE_MASK == step.gpage:
-            entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
-            self._window_step = step
-            return True
-        hpa, allowed = self._ept(gpa, _EPT_ACCESS[kind], la=vaddr)
+        if self.shadow is not None:  # the processor walks the shadow tables
+            paging = True
+            user = cpu.cpl == 3 and not self._implicit_supervisor(vaddr)
+            gpa, leaf = self.shadow.translate(vaddr, kind, user, step is not None)
+            if step is not None and gpa == step.gpage:
+                entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
+                self._window_step = step
+                return True
+            if leaf is None:
+                raise _NotRam(gpa)
+            hpa = gpa
+            allowed = _EPT_R | (_EPT_W if leaf & 2 else 0) | (0 if leaf >> 63 else _EPT_X)
+        else:
+            paging = bool(cpu.cr(0) & CR0_PG)
+            user = paging and cpu.cpl == 3 and not self._implicit_supervisor(vaddr)
+            gpa = self._guest_walk(vaddr, kind, user)
+            if step is not None and gpa & _PAGE_MASK == step.gpage:
+                entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
+                self._window_step = step
+                return True
+            hpa, allowed = self._ept(gpa, _EPT_ACCESS[kind], la=vaddr)
         hpage = hpa & _PAGE_MASK
         if not self.host.is_ram(hpage):
             raise EptExit(self._ept_misconfig(gpa, f"maps to host-physical {hpage:#x}, outside host RAM"))
@@ -1243,6 +1313,8 @@ class ModelEngine(Engine):
         # The access itself is allowed: the guest walk and the EPT walk checked exactly it.
         entry.paddr = hpage
         entry.perms = perms
+        if self.walks is not None:
+            self.walks.filled(vaddr, kind, hpage)
         return True
 
     def _flush_tlb(self) -> None:
@@ -1352,15 +1424,18 @@ class ModelEngine(Engine):
         write = value is not None
         qualification = _MMIO_WRITE_QUALIFICATION if write else _MMIO_READ_QUALIFICATION
         linear = step.linear_of(gpa)
-        info = ExitInfo(int(ExitReason.EPT_VIOLATION), qualification, guest_linear_address=linear,
+        reason = ExitReason.EPT_VIOLATION
+        if self.shadow is not None:  # no EPT: the VMM met the MMIO page at a #PF VM exit (SDM 26.2)
+            reason, qualification = ExitReason.EXCEPTION_NMI, linear
+        info = ExitInfo(int(reason), qualification, guest_linear_address=linear,
                         guest_physical_address=gpa)
         if write:
             exit_ = Exit(ExitKind.MMIO, addr=gpa, size=size, is_write=True,
                          data=value.to_bytes(size, "little"), qualification=qualification)
-            vmexit = VmExit(ExitReason.EPT_VIOLATION, info, exit_)
+            vmexit = VmExit(reason, info, exit_)
         else:
             exit_ = Exit(ExitKind.MMIO, addr=gpa, size=size, qualification=qualification)
-            vmexit = VmExit(ExitReason.EPT_VIOLATION, info, exit_, complete=step.reads.append, read_size=size)
+            vmexit = VmExit(reason, info, exit_, complete=step.reads.append, read_size=size)
         return vmexit, exit_
 
     def _summary(self, linear: int) -> tuple[int, bool, str] | None:

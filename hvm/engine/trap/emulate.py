@@ -278,22 +278,22 @@ def write_cr(eng: TrapEngine, number: int, value: int) -> str:
             v.efer &= ~EFER_LMA
         v.cr0 = value
         if (old ^ value) & (CR0_PG | CR0_WP | CR0_PE):
-            eng.drop_shadow()
-            return f"virtual CR0 {old:#x} -> {value:#x}; paging mode changed: shadow dropped"
+            eng.switch_shadow()
+            return f"virtual CR0 {old:#x} -> {value:#x}; paging mode changed: shadow root switched"
         eng.update_real_control()
         return f"virtual CR0 {old:#x} -> {value:#x}"
     if number == 3:
         v.cr3 = value
-        eng.drop_shadow()
-        return f"virtual CR3 <- {value:#x}; shadow page tables dropped (rebuilt on demand)"
+        eng.switch_shadow()
+        return f"virtual CR3 <- {value:#x}; shadow root for it selected (cached, or filled on demand)"
     if number == 4:
         old = v.cr4
         if v.efer & EFER_LMA and not value & CR4_PAE:
             raise Fault(GP, 0)
         v.cr4 = value
         if (old ^ value) & (CR4_PAE | CR4_PSE | CR4_PGE | CR4_LA57):
-            eng.drop_shadow()
-            return f"virtual CR4 {old:#x} -> {value:#x}; shadow dropped"
+            eng.switch_shadow()
+            return f"virtual CR4 {old:#x} -> {value:#x}; shadow root switched"
         eng.update_real_control()
         return f"virtual CR4 {old:#x} -> {value:#x}"
     if number == 2:
@@ -547,7 +547,7 @@ def write_msr(eng: TrapEngine, index: int, value: int) -> bool:
         old = v.efer
         v.efer = value & EFER_WRITABLE | v.efer & EFER_LMA
         if (old ^ v.efer) & EFER_NXE:
-            eng.drop_shadow()
+            eng.switch_shadow()
         return True
     if index in (MSR_FS_BASE, MSR_GS_BASE):
         eng.uc.msr_write(index, value)

@@ -103,8 +103,8 @@ from hvm.engine.trap.shadow import (
     REAL_GDT_BASE,
     REAL_IDT_BASE,
     HypervisorMemory,
-    ShadowMmu,
     descriptor_dpl,
+    trap_shadow_mmu,
     write_shadow_gdt,
 )
 from hvm.errors import EngineUnavailable
@@ -171,7 +171,7 @@ class TrapEngine(Engine):
         self.hv = HypervisorMemory()
         uc.mem_map_ptr(HV_PHYS, HV_SIZE, UC_PROT_ALL, self.hv.host_addr)
         self.cpu = TrapCpu(uc)
-        self.mmu = ShadowMmu(self.hv, memory, self._paging_regs, self._flush_tlb)
+        self.mmu = trap_shadow_mmu(self.hv, memory, self._paging_regs, self._flush_tlb)
         self.cpuid = CpuidPolicy()
         self.code = CodePages(self._frame_bytes, self._add_io_hook, uc.hook_del)
         self.trace: Callable[[str], None] | None = None
@@ -320,6 +320,10 @@ class TrapEngine(Engine):
                 "shadow_protected_writes": stats.protected_writes,
                 "shadow_drops": stats.drops,
                 "shadow_invlpg": stats.invlpg,
+                "shadow_cr3_switches": stats.cr3_switches,
+                "shadow_root_hits": stats.root_hits,
+                "shadow_root_misses": stats.root_misses,
+                "shadow_zapped": stats.zapped,
             }
         )
         return out
@@ -740,9 +744,9 @@ class TrapEngine(Engine):
         if uc.reg_read(R.UC_X86_REG_CR3) != self.mmu.root:
             uc.reg_write(R.UC_X86_REG_CR3, self.mmu.root)
 
-    def drop_shadow(self) -> None:
-        """Forget every shadow translation (CR3 load, paging-mode change) and use the new root."""
-        self.mmu.drop()
+    def switch_shadow(self) -> None:
+        """CR3 load or paging-mode change: the shadow root cached for the new registers."""
+        self.mmu.switch()
         self.update_real_control()
 
     def _frame_bytes(self, frame: int) -> bytes:
