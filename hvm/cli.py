@@ -392,10 +392,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(doc)
         for c in exp.compare(rows):
-            print(
-                f"{c.figure.label}: chapter {c.figure.value:,} {c.figure.unit}; {c.engine}: "
-                f"{c.measured:,} {c.figure.unit} — {c.why}"
-            )
+            measured = "not measured" if c.measured is None else f"{c.measured:,} {c.figure.unit}"
+            chapter = f"{c.figure.value:,} {c.figure.unit}"
+            print(f"{c.figure.label}: chapter {chapter}; {c.engine}: {measured} — {c.why}")
     return 0
 
 
