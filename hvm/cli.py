@@ -370,9 +370,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
             sections = build(out, args.engine, args.quick, progress)
         for sec in sections:
             for c in sec.comparisons:
+                measured = "not measured" if c.measured is None else f"{c.measured:,} {c.figure.unit}"
                 print(
                     f"{sec.experiment.name}: {c.figure.label}: chapter {c.figure.value:,} {c.figure.unit}, "
-                    f"{c.engine} {c.measured:,} {c.figure.unit}"
+                    f"{c.engine} {measured}"
                 )
         print(f"wrote {out / 'report.md'}, {out / 'report.html'}")
         return 0
