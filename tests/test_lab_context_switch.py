@@ -11,7 +11,7 @@ from hvm.engine.model.cost import SPLITX_DIRECT_CYCLES
 from hvm.lab import EXPERIMENTS, context_switch
 from tests.test_shadow_paging import expected_ctxsw_line
 
-PARAMS = {"p": 3, "n": 30, "k": 4, "x": 1}
+PARAMS = {"p": 3, "n": 30, "k": 4, "x": 1, "ring": 3}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def rows() -> dict[tuple[str, str], dict]:
 
 def test_four_configurations_compute_the_same_result(rows) -> None:
     assert set(rows) == {("shadow", "on"), ("shadow", "off"), ("ept", "on"), ("ept", "off")}
-    expected = expected_ctxsw_line(3, 30, 4, 1).split("sum=")[1].split()[0]
+    expected = expected_ctxsw_line(3, 30, 4, 1, 3).split("sum=")[1].split()[0]
     for row in rows.values():
         assert row["available"] and row["isolation_ok"] and row["checksum"] == expected
 
@@ -79,16 +79,20 @@ def test_plot(rows, tmp_path) -> None:
 
 def test_registered_with_quick_params() -> None:
     experiment = EXPERIMENTS["context-switch"]
-    assert set(experiment.quick) == set(experiment.defaults) == {"p", "n", "k", "x"}
+    assert set(experiment.quick) == set(experiment.defaults) == {"p", "n", "k", "x", "ring"}
     assert experiment.engines == ("kvm", "model")
 
 
 @pytest.mark.skipif("kvm" not in available_engines(), reason="no usable /dev/kvm")
 def test_kvm_runs_the_same_guest_and_reports_its_mmu_counters(rows) -> None:
-    (row,) = context_switch.run("kvm", PARAMS, lambda *a: None)
-    json.dumps(row)
-    assert row["available"] and row["checksum"] == rows["ept", "on"]["checksum"]
-    delta = row["stats_delta"]
-    assert "exits" in delta and "tlb_flush" in delta
-    assert delta["exits"] >= PARAMS["n"] * PARAMS["x"]  # each port write leaves the guest
-    assert row["stats_after"]["exits"] >= row["stats_before"]["exits"]
+    kvm = context_switch.run("kvm", PARAMS, lambda *a: None)
+    json.dumps(kvm)
+    assert [r["ring"] for r in kvm] == [3, 0]
+    for row in kvm:
+        assert row["available"] and row["checksum"] == rows["ept", "on"]["checksum"]
+        delta = row["stats_delta"]
+        assert "exits" in delta and "tlb_flush" in delta
+        assert delta["exits"] >= PARAMS["n"] * PARAMS["x"]  # each port write leaves the guest
+        assert row["stats_after"]["exits"] >= row["stats_before"]["exits"]
+    (comparison,) = [c for c in context_switch.compare(kvm) if c.engine == "kvm"][:1]
+    assert comparison.measured is None and comparison.why.startswith("not measurable here")

@@ -8,10 +8,12 @@ states (write-protected guest tables, roots cached per CR3).
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hvm.vmm.memory import GuestMemory
 from hvm.vmm.shadow import Policy, ShadowMmu, TablePages, root_key
-from hvm.vtx.paging import Access, PagingRegs
+from hvm.vtx.paging import Access, PagingRegs, Translation, translate
 
 P, RW, US, A, D = 1, 2, 4, 1 << 5, 1 << 6
 XD = 1 << 63
@@ -211,3 +213,71 @@ def test_dirty_logging_by_write_protection(g: Guest) -> None:
     assert mmu.harvest_dirty(0x40000, 0x2000) == [0]
     assert mmu.lookup(VA, Access.WRITE, False) is None  # clean again after the harvest
     assert mmu.harvest_dirty(0x40000, 0x2000) == []
+
+
+# --- property: the shadow never answers differently from the guest's own tables -----------------
+
+# data frames, and the two trees' page tables and page directories (aliases of paging structures)
+_FRAMES = [0x80000 + i * 0x1000 for i in range(12)] + [0x4000, 0x13000, 0x3000, 0x12000]
+_FLAGS = [0, P | RW | US, P | US, P | RW, P, P | RW | US | A | D, P | US | A, P | RW | XD | A | D]
+
+
+class _ReadOnly:
+    """Guest memory for a reference walk that must not set accessed/dirty flags."""
+
+    def __init__(self, mem: GuestMemory) -> None:
+        self.mem = mem
+
+    def read_u64(self, gpa: int) -> int:
+        return self.mem.read_u64(gpa)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["access", "access", "write_pte", "invlpg", "switch"]),
+                          st.integers(0, 1), st.integers(0, 2), st.sampled_from(list(Access)),
+                          st.booleans(), st.sampled_from(_FLAGS), st.integers(0, 15)),
+                min_size=1, max_size=60))
+def test_shadow_hits_agree_with_a_fresh_walk_of_the_guest_tables(ops) -> None:
+    """Whatever the guest does to its tables (through write-protection faults, as the engines deliver
+    them), a shadow entry that allows an access gives the frame the guest's tables give now, for an
+    access they allow, with the accessed (and for writes dirty) flag already set (SDM 4.6, 4.8)."""
+    g = Guest()
+    cr3s = (0x1000, 0x10000)
+    for cr3 in cr3s:
+        for i in range(8):
+            g.map(i, 0x40000 + (cr3 >> 4) + i * 0x1000, P | RW | US, cr3=cr3)
+    mmu = g.mmu(pool_pages=16, max_roots=2)
+    for op, tree, page, access, user, flags, frame in ops:
+        la = VA + page * 0x1000
+        if op == "switch":
+            g.cr3 = cr3s[tree]
+            mmu.switch()
+        elif op == "invlpg":
+            mmu.invlpg(la)
+        elif op == "write_pte":
+            pte = g.pte(cr3s[tree], page)
+            if pte & ~0xFFF in mmu.protected:  # the guest's write faults first: unprotect and resync
+                mmu.write_fault(pte & ~0xFFF)
+            g.mem.write_u64(pte, _FRAMES[frame] | flags)
+        else:
+            entry = mmu.lookup(la, access, user)
+            if entry is None:  # the #PF exit, handled as the model engine handles it
+                fill = mmu.fill(la, access, user)
+                entry = mmu.lookup(la, access, user)
+                if entry is None and access is Access.WRITE and mmu.protected.get(fill.frame) == "page table":
+                    if fill.frame in fill.tables:
+                        continue  # a table written through a mapping its own walk reads: refused
+                    mmu.write_fault(fill.frame)
+                    mmu.fill(la, access, user)
+                    entry = mmu.lookup(la, access, user)
+            reference = translate(_ReadOnly(g.mem), g.regs(), la, access, user=user)
+            if entry is None:
+                assert not isinstance(reference, Translation) or not mmu.is_ram(reference.address)
+                continue
+            assert isinstance(reference, Translation), (op, la, access, user)
+            assert reference.address & ~0xFFF == entry & 0x000F_FFFF_FFFF_F000
+            leaf = g.mem.read_u64(g.pte(g.cr3, page))
+            assert leaf & A and (access is not Access.WRITE or leaf & D)

@@ -46,6 +46,7 @@ GUESTS = [
     ("outloop", "n=300"),
     ("ctxsw", "check"),
     ("ctxsw", "p=3 n=40 k=4"),
+    ("ctxsw", "p=3 n=40 k=4 ring=3"),
 ]
 
 
@@ -136,7 +137,7 @@ def test_bad_paging_option_is_one_line() -> None:
 
 @needs_kvm
 @needs_qemu
-@pytest.mark.parametrize("append", ["check", "p=3 n=40 k=4"])
+@pytest.mark.parametrize("append", ["check", "p=3 n=40 k=4", "p=3 n=40 k=4 ring=3"])
 def test_the_paging_guest_prints_what_qemu_prints(append: str) -> None:
     import subprocess
 
@@ -150,7 +151,7 @@ def test_the_paging_guest_prints_what_qemu_prints(append: str) -> None:
     assert shadow.exit_status == qemu.returncode == 1
 
 
-def expected_ctxsw_line(p: int, n: int, k: int, x: int) -> str:
+def expected_ctxsw_line(p: int, n: int, k: int, x: int, ring: int = 0) -> str:
     """ctxsw's result line from its specification (src/ctxsw.c's header), computed here."""
     words = {(q, i): q << 16 | i for q in range(p) for i in range(k)}
     total = 0
@@ -159,13 +160,14 @@ def expected_ctxsw_line(p: int, n: int, k: int, x: int) -> str:
             for i in range(k):
                 total += words[s % p, i]
                 words[s % p, i] += 1
-    return f"ctxsw p={p} n={n} k={k} x={x} sum={total & 0xFFFFFFFF:#x} isolation=ok\n"
+    return f"ctxsw p={p} n={n} k={k} x={x} ring={ring} sum={total & 0xFFFFFFFF:#x} isolation=ok\n"
 
 
+@pytest.mark.parametrize("ring", [0, 3])
 @pytest.mark.parametrize("paging", ["ept", "shadow"])
-def test_ctxsw_result_is_the_specified_one(paging: str) -> None:
-    result, _ = run("ctxsw", "p=5 n=23 k=3 x=2", paging=paging)
-    assert result.console.decode() == expected_ctxsw_line(5, 23, 3, 2)
+def test_ctxsw_result_is_the_specified_one(paging: str, ring: int) -> None:
+    result, _ = run("ctxsw", f"p=5 n=23 k=3 x=2 ring={ring}", paging=paging)
+    assert result.console.decode() == expected_ctxsw_line(5, 23, 3, 2, ring)
 
 
 @pytest.mark.parametrize("design", ["pio", "mmio", "dirty_poll"])

@@ -9,6 +9,10 @@
  *     k=K  pages each process touches per time slice, 1..64   (default 8)
  *     x=X  writes to port 0x80 per time slice, 0..16 (default 1): each is a
  *          VM exit in the middle of the slice (a device access, say)
+ *     ring=0|3  where the time slices run (default 0): ring 3 enters each slice
+ *          with SYSEXIT (IRETQ on AMD) and leaves it with a UD2 whose #UD the
+ *          kernel takes as the end of the slice (as a process's system call
+ *          would end it); on KVM-on-PVM hosts only ring-3 code runs natively
  *     check                  run the paging self-check instead (see below)
  *
  * Processes: each has its own page-table tree (PML4, PDPT, PD, PT) that maps the
@@ -21,7 +25,7 @@
  * 3A 4.8).  At the end the kernel checks every page through the identity map:
  * process p's words must have grown by exactly X + 1 per slice p ran (no page
  * reached through the wrong CR3), and prints one line
- *     ctxsw p=P n=N k=K x=X sum=0xXXXXXXXX isolation=ok|bad
+ *     ctxsw p=P n=N k=K x=X ring=R sum=0xXXXXXXXX isolation=ok|bad
  * and exits (isa-debug-exit) with 0 if isolation held, else 1.
  *
  * check: on process 0's tree, with expected results from the SDM (Vol. 3A):
@@ -58,6 +62,10 @@ typedef unsigned long uptr;
 #define USER_VA 0x8000000000UL /* PML4 index 1 */
 #define PTE_P 0x1UL
 #define PTE_RW 0x2UL
+#define PTE_US 0x4UL
+#define KERNEL_CS 0x08
+#define TSS_SEL 0x38
+#define DONE_VECTOR 0x81
 #define PTE_A 0x20UL
 #define PTE_D 0x40UL
 #define CR0_WP (1UL << 16)
@@ -138,18 +146,43 @@ struct dtr {
     u64 base;
 } __attribute__((packed));
 
-static u64 idt[64] __attribute__((aligned(16)));
-extern const u64 ctxsw_isr_table[32];
+struct tss64 {
+    u32 reserved0;
+    u64 rsp0, rsp1, rsp2, reserved1, ist[7], reserved2;
+    u16 reserved3, iomap_base;
+    u8 iomap[65536 / 8 + 1]; /* all ports allowed; the extra byte must be 0xFF */
+} __attribute__((packed));
 
-static void setup_idt(void)
+static u64 idt[2 * (DONE_VECTOR + 1)] __attribute__((aligned(16)));
+static struct tss64 tss __attribute__((aligned(16)));
+extern const u64 ctxsw_isr_table[32];
+extern u64 ctxsw_tss_desc[2];
+extern char ctxsw_stack_top[], ctxsw_user_done[];
+
+static void set_gate(int v, u64 off, u64 type) /* 64-bit gate into KERNEL_CS */
 {
-    for (int v = 0; v < 32; v++) {
-        u64 off = ctxsw_isr_table[v];
-        idt[2 * v] = (off & 0xFFFF) | (0x08UL << 16) | (0x8EUL << 40) | (((off >> 16) & 0xFFFF) << 48);
-        idt[2 * v + 1] = off >> 32;
-    }
+    idt[2 * v] = (off & 0xFFFF) | ((u64)KERNEL_CS << 16) | (type << 40) | (((off >> 16) & 0xFFFF) << 48);
+    idt[2 * v + 1] = off >> 32;
+}
+
+/* The IDT (exceptions; vector 0x81, a DPL3 gate, also ends a ring-3 slice) and a TSS
+ * whose rsp0 is the kernel stack.  Its I/O bitmap allows every port: on
+ * KVM-on-PVM ring-3 code runs with the host's IOPL, so KVM's emulator consults
+ * the bitmap for each IN/OUT (as iobench.c explains). */
+static void setup_cpu_tables(void)
+{
+    u64 base = (uptr)&tss, limit = sizeof(tss) - 1;
+    tss.rsp0 = (uptr)ctxsw_stack_top;
+    tss.iomap_base = __builtin_offsetof(struct tss64, iomap);
+    tss.iomap[sizeof(tss.iomap) - 1] = 0xFF;
+    ctxsw_tss_desc[0] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89UL << 40) |
+                        (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
+    ctxsw_tss_desc[1] = base >> 32; /* P, DPL0, 64-bit TSS (available) */
+    for (int v = 0; v < 32; v++)
+        set_gate(v, ctxsw_isr_table[v], 0x8E); /* P, DPL0, interrupt gate */
+    set_gate(DONE_VECTOR, (uptr)ctxsw_user_done, 0xEE); /* P, DPL3 */
     struct dtr idtr = {sizeof(idt) - 1, (uptr)idt};
-    __asm__ volatile("lidt %0" : : "m"(idtr) : "memory");
+    __asm__ volatile("lidt %0\n\tltr %w1" : : "m"(idtr), "r"(TSS_SEL) : "memory");
 }
 
 /* --------------------------------------------------------------- processes */
@@ -166,12 +199,12 @@ static u8 spare[6][4096] __attribute__((aligned(4096)));
 static void build_tree(u32 p, u32 k)
 {
     struct tree *t = &trees[p];
-    t->pml4[0] = (uptr)ctxsw_pdpt | PTE_P | PTE_RW;
-    t->pml4[1] = (uptr)t->pdpt | PTE_P | PTE_RW;
-    t->pdpt[0] = (uptr)t->pd | PTE_P | PTE_RW;
-    t->pd[0] = (uptr)t->pt | PTE_P | PTE_RW;
+    t->pml4[0] = (uptr)ctxsw_pdpt | PTE_P | PTE_RW | PTE_US;
+    t->pml4[1] = (uptr)t->pdpt | PTE_P | PTE_RW | PTE_US;
+    t->pdpt[0] = (uptr)t->pd | PTE_P | PTE_RW | PTE_US;
+    t->pd[0] = (uptr)t->pt | PTE_P | PTE_RW | PTE_US;
     for (u32 i = 0; i < k; i++) {
-        t->pt[i] = (uptr)frames[p][i] | PTE_P | PTE_RW;
+        t->pt[i] = (uptr)frames[p][i] | PTE_P | PTE_RW | PTE_US;
         *(volatile u64 *)frames[p][i] = (u64)p << 16 | i;
     }
 }
@@ -208,24 +241,55 @@ void ctxsw_trap(u64 *frame) /* vector, error, rip, cs, rflags, rsp, ss */
 
 /* ------------------------------------------------------------- the experiment */
 
-static u32 run(u32 p, u32 n, u32 k, u32 x)
+static u32 g_p, g_n, g_k, g_x, g_ring, g_switch;
+static volatile u64 g_sum;
+static u8 user_stack[16384] __attribute__((aligned(16)));
+void __attribute__((noreturn)) ctxsw_enter_user(void (*entry)(void), void *stack);
+static void __attribute__((noreturn)) finish(void);
+
+/* One time slice: X + 1 passes over the process's pages, a port write between passes. */
+static inline __attribute__((always_inline)) void slice(void)
 {
-    for (u32 q = 0; q < p; q++)
-        build_tree(q, k);
     u64 sum = 0;
-    for (u32 s = 0; s < n; s++) {
-        load_cr3((uptr)trees[s % p].pml4);
-        for (u32 pass = 0; pass <= x; pass++) {
-            if (pass)
-                outb(POST_PORT, (u8)pass);
-            for (u32 i = 0; i < k; i++) {
-                volatile u64 *w = user_page(i);
-                u64 v = *w;
-                sum += v;
-                *w = v + 1;
-            }
+    for (u32 pass = 0; pass <= g_x; pass++) {
+        if (pass)
+            outb(POST_PORT, (u8)pass);
+        for (u32 i = 0; i < g_k; i++) {
+            volatile u64 *w = user_page(i);
+            u64 v = *w;
+            sum += v;
+            *w = v + 1;
         }
     }
+    g_sum += sum;
+}
+
+static void __attribute__((noreturn, noinline)) user_slice(void) /* ring 3 */
+{
+    slice();
+    __asm__ volatile(".globl ctxsw_slice_end\nctxsw_slice_end: ud2" : : : "memory");
+    for (;;)
+        ;
+}
+
+/* The kernel's loop, one switch per call: ring 0 runs the slice itself, ring 3
+ * enters it (and comes back here through the slice's final #UD, on a fresh stack). */
+void __attribute__((noreturn)) ctxsw_next(void)
+{
+    while (g_switch < g_n) {
+        load_cr3((uptr)trees[g_switch % g_p].pml4);
+        g_switch++;
+        if (g_ring == 3)
+            ctxsw_enter_user(user_slice, user_stack + sizeof(user_stack));
+        slice();
+    }
+    finish();
+}
+
+static void __attribute__((noreturn)) finish(void)
+{
+    u32 p = g_p, n = g_n, k = g_k, x = g_x;
+    u64 sum = g_sum;
     load_cr3((uptr)ctxsw_pml4);
     u32 ok = 1;
     for (u32 q = 0; q < p; q++) {
@@ -242,10 +306,12 @@ static u32 run(u32 p, u32 n, u32 k, u32 x)
     put_dec(k);
     puts(" x=");
     put_dec(x);
+    puts(" ring=");
+    put_dec(g_ring);
     puts(" sum=");
     put_hex(sum & 0xFFFFFFFF);
     puts(ok ? " isolation=ok\n" : " isolation=bad\n");
-    return ok ? 0 : 1;
+    guest_exit(ok ? 0 : 1);
 }
 
 /* ------------------------------------------------------------- the self-check */
@@ -387,8 +453,8 @@ static u32 parse_u32(const char *s)
 
 void __attribute__((noreturn)) ctxsw_main(u32 cmdline)
 {
-    setup_idt();
-    u32 p = 4, n = 1000, k = 8, x = 1, do_check = 0;
+    setup_cpu_tables();
+    u32 p = 4, n = 1000, k = 8, x = 1, ring = 0, do_check = 0;
     const char *s = (const char *)(uptr)cmdline;
     while (s && *s) {
         while (*s == ' ')
@@ -401,6 +467,8 @@ void __attribute__((noreturn)) ctxsw_main(u32 cmdline)
             k = parse_u32(s + 2);
         else if (s[0] == 'x' && s[1] == '=')
             x = parse_u32(s + 2);
+        else if (s[0] == 'r' && s[1] == 'i' && s[2] == 'n' && s[3] == 'g' && s[4] == '=')
+            ring = parse_u32(s + 5);
         else if (word_is(s, "check"))
             do_check = 1;
         while (*s && *s != ' ')
@@ -408,9 +476,12 @@ void __attribute__((noreturn)) ctxsw_main(u32 cmdline)
     }
     if (do_check)
         guest_exit(check());
-    if (p < 1 || p > MAXP || k < 1 || k > MAXK || x > 16) {
-        puts("ctxsw: error: p must be 1..8, k 1..64 and x 0..16\n");
+    if (p < 1 || p > MAXP || k < 1 || k > MAXK || x > 16 || (ring != 0 && ring != 3)) {
+        puts("ctxsw: error: p must be 1..8, k 1..64, x 0..16 and ring 0 or 3\n");
         guest_exit(1);
     }
-    guest_exit(run(p, n, k, x));
+    g_p = p, g_n = n, g_k = k, g_x = x, g_ring = ring;
+    for (u32 q = 0; q < p; q++)
+        build_tree(q, k);
+    ctxsw_next();
 }

@@ -3,9 +3,19 @@
 # Assembled with `as --64`: lib.inc (multiboot header, `_start`, COM1 and
 # command-line helpers) is 32-bit code, included under .code32; `main`, called
 # by `_start` in 32-bit protected mode, identity-maps the first 4 GiB with 2 MiB
-# pages (supervisor-only), turns on PAE, EFER.LME and paging, and calls the
-# 64-bit C entry point `ctxsw_main(cmdline)` at ring 0, which never returns.
-# 64-bit because on this project's KVM host 32-bit paging triple-faults.
+# pages (user-accessible, so ring-3 slices run the image's code), turns on PAE,
+# EFER.LME and paging, and calls the 64-bit C entry point `ctxsw_main(cmdline)`
+# at ring 0, which never returns.  64-bit because on this project's KVM host
+# 32-bit paging triple-faults, and because only 64-bit ring-3 code runs there
+# natively.
+#
+# Ring-3 time slices (ring=3): `ctxsw_enter_user(entry, stack)` goes to ring 3
+# with SYSEXIT (IOPL 3, IF 0); where SYSEXIT is undefined in long mode (AMD) its
+# #UD enters ring 3 with IRETQ instead.  The slice ends with UD2 at
+# `ctxsw_slice_end`: its #UD reaches ring 0 through the IDT (on KVM-on-PVM hosts
+# INT n from ring 3 is itself a #UD, and SYSCALL is not executed by Unicorn), and
+# `ctxsw_user_done` drops the frame, resets the kernel stack and calls
+# `ctxsw_next()` (C), which switches CR3 and enters the next slice.
 #
 # Also here: exception stubs for vectors 0-31 that save the caller-saved
 # registers, call `ctxsw_trap(frame)` (frame: vector, error code, RIP, CS,
@@ -17,12 +27,18 @@
 
         .equ KCODE_SEL,          0x08    # 64-bit code, DPL0
         .equ KDATA_SEL,          0x10    # data, DPL0
+        .equ UCODE_SEL,          0x28    # 64-bit code, DPL3 (SYSEXIT: SYSENTER_CS + 32)
+        .equ UDATA_SEL,          0x30    # data, DPL3 (SYSEXIT: SYSENTER_CS + 40)
+        .equ RPL3,               3
+        .equ MSR_SYSENTER_CS,    0x174
+        .equ EFLAGS_IF,          1 << 9
+        .equ EFLAGS_IOPL3,       3 << 12
         .equ MSR_EFER,           0xC0000080
         .equ EFER_LME,           1 << 8
         .equ CR0_PG,             1 << 31
         .equ CR4_PAE,            1 << 5
-        .equ PTE_P_RW,           0x3
-        .equ PDE_2M_P_RW,        0x83    # present, writable, 2 MiB page
+        .equ PTE_P_RW_US,        0x7
+        .equ PDE_2M_P_RW_US,     0x87    # present, writable, user, 2 MiB page
         .equ CTXSW_STACK_SIZE,   16384
 
         .text
@@ -32,9 +48,9 @@ main:
         mov     [boot_cmdline], esi
 
         # PML4[0] -> PDPT; PDPT[0..3] -> 4 page directories; 2048 x 2 MiB = 4 GiB.
-        mov     dword ptr [ctxsw_pml4], OFFSET ctxsw_pdpt + PTE_P_RW
+        mov     dword ptr [ctxsw_pml4], OFFSET ctxsw_pdpt + PTE_P_RW_US
         mov     edi, OFFSET ctxsw_pdpt
-        mov     eax, OFFSET pds + PTE_P_RW
+        mov     eax, OFFSET pds + PTE_P_RW_US
         mov     ecx, 4
 1:
         mov     [edi], eax
@@ -43,7 +59,7 @@ main:
         dec     ecx
         jnz     1b
         mov     edi, OFFSET pds
-        mov     eax, PDE_2M_P_RW
+        mov     eax, PDE_2M_P_RW_US
         xor     edx, edx                # bits 63..32 of the entry
         mov     ecx, 2048
 2:
@@ -87,6 +103,36 @@ ctxsw_halt:
         hlt
         jmp     ctxsw_halt
 
+# ctxsw_enter_user(rdi = entry, rsi = stack): to ring 3 until the slice's int 0x81.
+        .globl ctxsw_enter_user
+ctxsw_enter_user:
+        pushfq
+        or      qword ptr [rsp], EFLAGS_IOPL3   # port I/O stays legal in ring 3
+        and     qword ptr [rsp], ~EFLAGS_IF
+        popfq
+        mov     ecx, MSR_SYSENTER_CS
+        mov     eax, KCODE_SEL
+        xor     edx, edx
+        wrmsr
+        mov     ax, UDATA_SEL | RPL3
+        mov     ds, ax
+        mov     es, ax
+        mov     rcx, rsi                # SYSEXIT: RSP = RCX, RIP = RDX
+        mov     rdx, rdi
+        .globl ctxsw_sysexit
+ctxsw_sysexit:
+        sysexitq
+
+# The ring-3 slice is over: continue the kernel's loop on a fresh stack.
+        .globl ctxsw_user_done
+ctxsw_user_done:
+        mov     ax, KDATA_SEL
+        mov     ds, ax
+        mov     es, ax
+        lea     rsp, [rip + ctxsw_stack_top]
+        call    ctxsw_next              # does not return
+        jmp     ctxsw_halt
+
 # ------------------------------------------------------------ exceptions
 
 # Vectors that push an error code (SDM Vol. 3A, 6.13); the others get a 0.
@@ -108,6 +154,24 @@ ctxsw_isr_\vec:
 # before its pushes; 7 + 9 quadwords keep it aligned for the call).
 ctxsw_isr_common:
         push    rax
+        lea     rax, [rip + ctxsw_sysexit]
+        cmp     [rsp + 24], rax         # the faulting RIP (above RAX, vector, error code)
+        jne     1f
+        # SYSEXIT faulted (#UD: no SYSEXIT in long mode on AMD): RCX and RDX
+        # still hold the ring-3 stack and entry point; IRETQ there instead.
+        push    UDATA_SEL | RPL3        # SS
+        push    rcx                     # RSP
+        pushfq                          # RFLAGS: IOPL = 3 and IF = 0 already
+        push    UCODE_SEL | RPL3        # CS
+        push    rdx                     # RIP
+        iretq
+1:
+        cmp     qword ptr [rsp + 8], 6  # #UD (the vector, above RAX) ...
+        jne     2f
+        lea     rax, [rip + ctxsw_slice_end]
+        cmp     [rsp + 24], rax         # ... at the ring-3 slice's final UD2: the slice is over
+        je      ctxsw_user_done
+2:
         push    rcx
         push    rdx
         push    rsi
@@ -147,6 +211,13 @@ ctxsw_gdt:
         .quad 0                         # 0x00: null
         .quad 0x00AF9A000000FFFF        # 0x08: code, 64-bit (L), DPL0
         .quad 0x00CF92000000FFFF        # 0x10: data, DPL0
+        .quad 0x00CFFA000000FFFF        # 0x18: code, 32-bit, DPL3 (unused)
+        .quad 0x00CFF2000000FFFF        # 0x20: data, DPL3 (unused)
+        .quad 0x00AFFA000000FFFF        # 0x28: code, 64-bit (L), DPL3
+        .quad 0x00CFF2000000FFFF        # 0x30: data, DPL3
+        .globl ctxsw_tss_desc
+ctxsw_tss_desc:
+        .quad 0, 0                      # 0x38: 64-bit TSS, filled in by ctxsw.c
 ctxsw_gdt_end:
 ctxsw_gdt_descriptor:
         .word ctxsw_gdt_end - ctxsw_gdt - 1
@@ -163,4 +234,5 @@ pds:            .skip 4 * 4096
         .balign 16
 ctxsw_stack:
         .skip CTXSW_STACK_SIZE
+        .globl ctxsw_stack_top
 ctxsw_stack_top:
