@@ -386,7 +386,11 @@ def _stderr_console():
 
 def _measured(c) -> str:
     """A comparison's measured figure with its unit, or why there is none."""
-    return "not measured" if c.measured is None else f"{c.measured:,} {c.figure.unit}"
+    if c.measured is None:
+        return "not measured"
+    value = c.measured
+    text = f"{value:,.0f}" if float(value).is_integer() else f"{value:,.3f}".rstrip("0")
+    return f"{text} {c.figure.unit}"
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
