@@ -211,6 +211,19 @@ def test_tsc_deadline_mode():
     assert apic.tick(2000) == 0
 
 
+def test_mode_change_disarms():
+    # SDM 11.5.4.1: a write to the LVT timer register that changes the timer mode disarms the timer.
+    apic = enabled()
+    apic.write(A.LVT_TIMER, 0x34)
+    apic.write(A.TIMER_ICR, 100)
+    apic.write(A.LVT_TIMER, 0x34 | A.TIMER_PERIODIC)
+    assert apic.next_deadline() is None and apic.tick(1000) == 0
+    apic.write(A.LVT_TIMER, 0x35 | A.TIMER_PERIODIC)  # same mode, new vector: no effect on the count
+    apic.write(A.TIMER_ICR, 100, now=1000)
+    apic.write(A.LVT_TIMER, 0x36 | A.TIMER_PERIODIC)
+    assert apic.next_deadline() == 1200
+
+
 def test_self_ipis_xapic():
     apic = enabled(apic_id=2)
     apic.write(A.ICR_LOW, A.SHORTHAND_SELF | 0x40)  # SDM 11.6.1: shorthand 01 = self

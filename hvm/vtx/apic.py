@@ -503,12 +503,10 @@ class LocalApic:
             if not self.sw_enabled:
                 value |= LVT_MASKED  # SDM 11.4.7.2: masks cannot be cleared while software-disabled
             if offset == LVT_TIMER and (value ^ self._get(LVT_TIMER)) & TIMER_MODE_MASK:
-                # SDM 11.5.4.1: changing to or from TSC-deadline mode disarms the timer. (KVM, too,
-                # restarts nothing on a one-shot <-> periodic change; the count continues.)
-                old_deadline = self._timer_mode() == TIMER_TSC_DEADLINE
-                if old_deadline or value & TIMER_MODE_MASK == TIMER_TSC_DEADLINE:
-                    self._timer_armed = False
-                    self._tsc_deadline = 0
+                # SDM 11.5.4.1: "A write to the LVT Timer Register that changes the timer mode disarms
+                # the local APIC timer."
+                self._timer_armed = False
+                self._tsc_deadline = 0
             self._set(offset, value | self._get(offset) & LVT_DELIVERY_STATUS)
         elif offset == TIMER_ICR:
             if self._timer_mode() == TIMER_TSC_DEADLINE:
