@@ -104,6 +104,9 @@ GUESTS: dict[str, str] = {
     "written as two 32-bit OUTs to port 0x530 (RDTSC) or 0x538 (RDTSCP); then 'tscread done N'",
     "syscalls": "N (n=N, default 10000) 'system calls' at CPL 0, each a WRMSR of IA32_TSC_AUX with the "
     "call's number; then 'rdtscp yes|no', 'tsc_aux V' (RDTSCP or RDMSR) and 'syscalls done N'",
+    "apictick": "the apicv experiment's guest: xAPIC at 0xFEE00000 in long mode; a TPR check, M self-IPIs "
+    "(ipis=M, default 50) and N periodic 1-ms APIC timer ticks (n=N, default 50; waits with PAUSE, or "
+    "HLT with 'hlt'), an EOI each; then 'apictick: ticks N ipis M spurious 0'",
 }
 """Guest name -> what it does."""
 
@@ -121,6 +124,7 @@ GUEST_FORMAT: dict[str, str] = {
     "redpill": "multiboot",
     "tscread": "multiboot",
     "syscalls": "multiboot",
+    "apictick": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16`` or ``flat64``."""
 
