@@ -181,3 +181,52 @@ def test_x2apic_msrs(mode):
         assert counts["exit_reason.MSR_WRITE"] == 5
     finally:
         tiny.close()
+
+
+# --- CR8, the TPR in 64-bit mode (SDM Vol. 3A 11.8.6; Vol. 3C 30.3) ---------------------------------
+
+CR8_SOURCE = """
+        mov ebx, 0xFEE00000
+        mov dword ptr [rbx + 0xF0], 0x1FF   # SVR: software enable
+        sti
+        mov eax, 5
+        mov cr8, rax                        # TPR = 0x50
+        mov rsi, cr8
+        mov r12d, [rbx + 0x80]              # the TPR as the APIC page shows it
+        mov dword ptr [rbx + 0x300], 0x40040    # self-IPI 0x40: class 4, held by TPR class 5
+        nop
+        mov r13, r9                         # 0: not delivered yet
+        xor eax, eax
+        mov cr8, rax                        # TPR = 0: now it is
+        nop
+        hlt
+ipi:
+        inc r9
+        mov dword ptr [rbx + 0xB0], 0
+        iretq
+"""
+
+
+@needs_as
+@pytest.mark.parametrize("mode", ["legacy", "apicv"])
+def test_cr8_is_the_tpr(mode):
+    tiny = Tiny(CR8_SOURCE, bits=64)
+    tiny.engine.close()
+    tiny.engine = ModelEngine(tiny.memory, apic=mode)
+    ipi = CODE + tiny.code.index(bytes.fromhex("49ffc1"))  # inc r9
+    base, limit = install_idt(tiny, {0x40: gate64(ipi)})
+    state = entry_state(64)
+    state.idt = DescriptorTable(base, limit)
+    tiny.engine.set_state(state)
+    try:
+        assert tiny.run(ExitKind.HLT)[-1].kind is ExitKind.HLT
+        regs = tiny.engine.get_state().regs
+        assert regs["rsi"] == 5  # MOV from CR8 reads TPR[7:4]
+        assert regs["r12"] == 0x50  # MOV to CR8 sets TPR[7:4], TPR[3:0] = 0
+        assert regs["r13"] == 0  # held while TPR class 5 >= vector class 4 (SDM 11.8.3.1)
+        assert regs["r9"] == 1  # let in by the second MOV to CR8
+        cr_exits = tiny.engine.counters().get("exit_reason.CR_ACCESS", 0)
+        # legacy: CR8-load/-store exiting; apicv: virtualized through VTPR, no exit
+        assert cr_exits == (3 if mode == "legacy" else 0)
+    finally:
+        tiny.close()
