@@ -298,6 +298,7 @@ class ApicSupport:
             self._inject_legacy()
         else:
             self._deliver_virtual()
+        self._window = False  # what the watch saw holds for this boundary only
 
     def _interruptible(self) -> bool:
         """RFLAGS.IF = 1 and no blocking by STI (an STI right before RIP) - see the module docstring."""
@@ -357,7 +358,6 @@ class ApicSupport:
                 self._window = False
                 vector = vapic.deliver()  # SDM 30.2.2
                 self.engine._inject.append(Event(vector, InterruptionType.EXTERNAL_INTERRUPT))
-                self.engine._halted = False
                 self.stats["virtual_delivered"] += 1
             else:
                 self._watch()
