@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import pytest
 
+from hvm.boot import ImageFormat
 from hvm.cpu import DescriptorTable
 from hvm.engine import create_engine
 from hvm.engine.model import ModelEngine
-from hvm.errors import EngineUnavailable
+from hvm.errors import EXIT_TIMEOUT, EngineUnavailable
 from hvm.exits import ExitKind
 from hvm.vmm.machine import Machine, MachineConfig
 from hvm.vmm.memory import GuestMemory
-from tests.test_model_engine_support import CODE, Tiny, entry_state, gate64, install_idt, needs_as
+from tests.test_model_engine_support import CODE, Tiny, assemble, entry_state, gate64, install_idt, needs_as
 
 N_TICKS, N_IPIS = 8, 6
 
@@ -230,3 +231,47 @@ def test_cr8_is_the_tpr(mode):
         assert cr_exits == (3 if mode == "legacy" else 0)
     finally:
         tiny.close()
+
+
+# --- a misbehaving guest: an interrupt storm -------------------------------------------------------
+
+STORM_SOURCE = """
+        lea rax, [rip + handler]
+        lea rdi, [rip + idt]
+        mov [rdi + 0x20 * 16], ax
+        mov word ptr [rdi + 0x20 * 16 + 2], 0x18
+        mov word ptr [rdi + 0x20 * 16 + 4], 0x8E00
+        shr rax, 16
+        mov [rdi + 0x20 * 16 + 6], ax
+        lidt [rip + idtr]
+        mov ebx, 0xFEE00000
+        mov dword ptr [rbx + 0xF0], 0x1FF
+        mov dword ptr [rbx + 0x3E0], 0xB        # divide by 1
+        mov dword ptr [rbx + 0x320], 0x20020    # periodic, vector 0x20
+        mov dword ptr [rbx + 0x380], 1          # one bus cycle: 1 ns
+        sti
+1:      jmp 1b
+handler:
+        mov dword ptr [rbx + 0xB0], 0
+        iretq
+        .balign 16
+idtr:   .word 4095
+        .quad idt
+        .balign 16
+idt:    .fill 4096, 1, 0
+"""
+
+
+@needs_as
+@pytest.mark.parametrize("mode", ["legacy", "apicv"])
+def test_a_timer_storm_is_survived(mode):
+    # A 1-ns periodic timer: the guest never gets past its handler, the VMM still ends the run.
+    machine = Machine(MachineConfig(engine="model", mem_size=16 << 20, console=lambda b: None,
+                                    engine_options={"apic": mode}))
+    try:
+        machine.load(assemble(STORM_SOURCE, 64, 0x100000), ImageFormat.LONG)
+        result = machine.run(timeout=1)
+    finally:
+        machine.close()
+    assert (result.exit_status, result.reason) == (EXIT_TIMEOUT, "timeout")
+    assert result.engine_counters["apic.lapic_timer"] > 1000
