@@ -11,6 +11,8 @@ ICR are trap-like APIC-write exits (30.4.3.2).
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from hvm.boot import ImageFormat
@@ -21,6 +23,7 @@ from hvm.errors import EXIT_TIMEOUT, EngineUnavailable
 from hvm.exits import ExitKind
 from hvm.vmm.machine import Machine, MachineConfig
 from hvm.vmm.memory import GuestMemory
+from tests.conftest import QEMU, needs_kvm, needs_qemu
 from tests.test_model_engine_support import CODE, Tiny, assemble, entry_state, gate64, install_idt, needs_as
 
 N_TICKS, N_IPIS = 8, 6
@@ -275,3 +278,31 @@ def test_a_timer_storm_is_survived(mode):
         machine.close()
     assert (result.exit_status, result.reason) == (EXIT_TIMEOUT, "timeout")
     assert result.engine_counters["apic.lapic_timer"] > 1000
+
+
+# --- the same guest on KVM's in-kernel irqchip and on QEMU -----------------------------------------
+
+
+@needs_kvm
+def test_apictick_on_kvm_prints_the_same(guest):
+    machine = Machine(MachineConfig(engine="kvm", mem_size=64 << 20, console=lambda b: None))
+    try:
+        machine.load(guest("apictick"), append=f"n={N_TICKS} ipis={N_IPIS}")
+        result = machine.run(timeout=60)
+    finally:
+        machine.close()
+    assert result.console.decode() == expected_console()
+    assert result.exit_status == 1
+
+
+@needs_kvm
+@needs_qemu
+def test_apictick_on_qemu_prints_the_same(guest):
+    proc = subprocess.run(
+        [QEMU, "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", "64",
+         "-kernel", str(guest("apictick")), "-append", f"n={N_TICKS} ipis={N_IPIS}",
+         "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+         "-serial", "stdio", "-display", "none", "-nodefaults", "-no-reboot"],
+        capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.stdout.decode().replace("\r", "").endswith(expected_console())
+    assert proc.returncode == 1
