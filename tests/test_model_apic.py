@@ -306,3 +306,23 @@ def test_apictick_on_qemu_prints_the_same(guest):
         capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.stdout.decode().replace("\r", "").endswith(expected_console())
     assert proc.returncode == 1
+
+
+def test_cli_engine_option():
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    hvm = [sys.executable, "-m", "hvm", "run", "--engine", "model", "--guest", "apictick",
+           "--append", f"n={N_TICKS} ipis={N_IPIS}"]
+    proc = subprocess.run([*hvm, "--engine-option", "apic=apicv", "--json", "-"], capture_output=True,
+                          cwd=root, timeout=120, stdin=subprocess.DEVNULL)
+    result = json.loads(proc.stdout)
+    assert result["console"] == expected_console()
+    assert result["engine_counters"]["exit_reason.APIC_WRITE"] == 7
+    bad = subprocess.run([*hvm, "--engine-option", "apic=x2"], capture_output=True, cwd=root, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    assert bad.returncode == 2
+    assert bad.stderr.decode().strip().splitlines() == [
+        "hvm: the model engine's apic option is one of off, legacy, apicv, not 'x2'"]
