@@ -68,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stats", action="store_true", help="print exits by kind and the kernel's counters")
     run.add_argument("--json", metavar="PATH", help="write the run's result as JSON ('-' for stdout)")
     run.add_argument("--guest", metavar="NAME", help="run a bundled guest by name instead of IMAGE")
-    run.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE",
-                     help="an engine option (repeatable; `hvm info engines` lists them)")
     run.add_argument("--trace", action="store_true",
                      help="trap engine: print each trap step by step with its modelled cycles (stderr)")
+    run.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="engine-specific option (repeatable; `hvm info engines` lists them), "
+                     "e.g. apic=legacy|apicv or paging=shadow on the model engine")
 
     lab = sub.add_parser("lab", help="the chapter's claims as experiments")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
@@ -135,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     machine = Machine(
         MachineConfig(
             engine=args.engine, mem_size=args.mem, console=console, input_fd=0 if interactive else None,
-            engine_options=parse_engine_options(args.engine, args.engine_opt),
+            engine_options=parse_engine_options(args.engine, args.engine_option),
         )
     )
     if args.trace:

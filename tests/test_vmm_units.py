@@ -136,7 +136,7 @@ def test_cli_bad_engine_option_is_one_line_with_status_2() -> None:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "hvm", "run", "--engine", "model", "--engine-opt", "x=1"],
+    proc = subprocess.run([sys.executable, "-m", "hvm", "run", "--engine", "model", "--engine-option", "x=1"],
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "--engine-opt 'x=1'" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--engine-option 'x=1'" in proc.stderr

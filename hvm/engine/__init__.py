@@ -66,7 +66,9 @@ def _options_of(cls: type) -> dict[str, Any]:
 
 def engine_options(name: str) -> dict[str, Any]:
     """The options of engine ``name`` a command line can give (string, number or flag), with defaults."""
-    return {k: v for k, v in _options_of(_engine_class(name)).items() if isinstance(v, (str, int, float))}
+    params = inspect.signature(_engine_class(name)).parameters
+    return {k: v for k, v in _options_of(_engine_class(name)).items()
+            if isinstance(v, (str, int, float)) or (v is None and params[k].annotation == "str | None")}
 
 
 def parse_engine_options(name: str, pairs: list[str]) -> dict[str, Any]:
@@ -77,13 +79,13 @@ def parse_engine_options(name: str, pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or key not in accepted:
             known = ", ".join(accepted) or "none"
-            raise EngineUnavailable(f"--engine-opt {pair!r}: expected KEY=VALUE, KEY one of: {known}")
+            raise EngineUnavailable(f"--engine-option {pair!r}: expected KEY=VALUE, KEY one of: {known}")
         default = accepted[key]
-        kind = type(default) if isinstance(default, (bool, int, float)) else str
+        kind = type(default) if isinstance(default, (bool, int, float)) else str  # None: a str option
         try:
             out[key] = (value.lower() in ("1", "on", "yes", "true")) if kind is bool else kind(value)
         except ValueError:
-            raise EngineUnavailable(f"--engine-opt {pair!r}: {value!r} is not a {kind.__name__}") from None
+            raise EngineUnavailable(f"--engine-option {pair!r}: {value!r} is not a {kind.__name__}") from None
     return out
 
 

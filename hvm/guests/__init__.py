@@ -115,6 +115,9 @@ GUESTS: dict[str, str] = {
     "ctxsw": "the context-switch experiment: p processes (own page tables, same linear addresses), "
     "n CR3 switches, k pages touched per slice (p=P n=N k=K, default 4 1000 8), then one 'ctxsw ...' "
     "line; 'check': accessed/dirty flags, remap + INVLPG, #PF error codes, CR0.WP; C, see src/ctxsw.c",
+    "apictick": "the apicv experiment's guest: xAPIC at 0xFEE00000 in long mode; a TPR check, M self-IPIs "
+    "(ipis=M, default 50) and N periodic 1-ms APIC timer ticks (n=N, default 50; waits with PAUSE, or "
+    "HLT with 'hlt'), an EOI each; then 'apictick: ticks N ipis M spurious 0'",
 }
 """Guest name -> what it does."""
 
@@ -135,6 +138,7 @@ GUEST_FORMAT: dict[str, str] = {
     "pwalk64": "flat64",
     "pwalk32": "flat32",
     "ctxsw": "multiboot",
+    "apictick": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16``, ``flat32`` or ``flat64``."""
 
