@@ -104,6 +104,9 @@ GUESTS: dict[str, str] = {
     "written as two 32-bit OUTs to port 0x530 (RDTSC) or 0x538 (RDTSCP); then 'tscread done N'",
     "syscalls": "N (n=N, default 10000) 'system calls' at CPL 0, each a WRMSR of IA32_TSC_AUX with the "
     "call's number; then 'rdtscp yes|no', 'tsc_aux V' (RDTSCP or RDMSR) and 'syscalls done N'",
+    "exitmix": "the exit-rate experiment's mixed workload at ring 0: units of CPU work, IA32_TSC_AUX "
+    "'system calls', command-device I/O at a chosen intensity (design=pio|mmio|dirty io=K per unit), "
+    "self-IPIs and a periodic local APIC timer; one 'exitmix ...' summary line; C, see src/exitmix.c",
 }
 """Guest name -> what it does."""
 
@@ -121,13 +124,14 @@ GUEST_FORMAT: dict[str, str] = {
     "redpill": "multiboot",
     "tscread": "multiboot",
     "syscalls": "multiboot",
+    "exitmix": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16`` or ``flat64``."""
 
 DEFAULT_N: dict[str, int] = {"outloop": 1000, "spin": 1_000_000}
 """Value of ``n`` when the command line has no ``n=NUMBER``."""
 
-C_SOURCES: dict[str, tuple[str, ...]] = {"iobench": ("iobench.c",)}
+C_SOURCES: dict[str, tuple[str, ...]] = {"iobench": ("iobench.c",), "exitmix": ("exitmix.c",)}
 """Guest name -> freestanding C files in ``src/``.
 
 Such a guest is a multiboot image whose body is 64-bit: ``NAME.s`` includes
