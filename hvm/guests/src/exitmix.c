@@ -17,6 +17,7 @@
  *              waiting on STATUS at D0100000H while the ring is full)
  *     ipi=I    I self-IPIs: a write of (shorthand "self" | fixed | vector 41H) to the
  *              local APIC's ICR low (FEE00300H, SDM Vol. 3A 11.6.1)
+ * then, with tick=T > 0 and halt=H, the guest idles: HLT until H more timer interrupts came.
  * With tick=T > 0 the local APIC timer runs periodic (LVT timer FEE00320H = 20040H:
  * periodic, vector 40H; divide configuration FEE003E0H = 1011b: divide by 1; initial
  * count FEE00380H = T; SDM Vol. 3A 11.5.4) from before the first unit until after the
@@ -27,7 +28,7 @@
  * every self-IPI arrived (IF still set; a hypervisor may deliver one late), masks
  * the timer, clears IF, reads IA32_TSC_AUX back (RDMSR; only if sys > 0), checks each
  * command's CRC-32 result and prints one line:
- *     exitmix design=D units=N work=W io=K sys=S ipi=I tick=T sent=C completed=C
+ *     exitmix design=D units=N work=W io=K sys=S ipi=I tick=T halt=H sent=C completed=C
  *         ticks=X ipis=Y spurious=Z tsc_aux=V bad=B sum=0xXXXXXXXX
  * then leaves through isa-debug-exit (port F4H) with 0 if sent == completed ==
  * units * io, bad == 0, ipis == units * ipi and tsc_aux == units * sys, else 1.
@@ -82,8 +83,8 @@ enum design { PIO, MMIO, DIRTY, NDESIGNS };
 static const char *const design_names[NDESIGNS] = {"pio", "mmio", "dirty"};
 
 static struct {
-    u32 design, units, work, io, sys, ipi, tick;
-} cfg = {PIO, 100, 1000, 0, 1, 0, 0};
+    u32 design, units, work, io, sys, ipi, tick, halt;
+} cfg = {PIO, 100, 1000, 0, 1, 0, 0, 0};
 
 extern volatile u64 exitmix_ticks, exitmix_ipis, exitmix_spurious;
 extern const u64 exitmix_isr_table[32];
@@ -323,7 +324,8 @@ static int parse_cmdline(const char *line)
         const char *key;
         u32 *value;
     } keys[] = {{"units=", &cfg.units}, {"work=", &cfg.work}, {"io=", &cfg.io},
-                {"sys=", &cfg.sys},     {"ipi=", &cfg.ipi},   {"tick=", &cfg.tick}};
+                {"sys=", &cfg.sys},     {"ipi=", &cfg.ipi},   {"tick=", &cfg.tick},
+                {"halt=", &cfg.halt}};
     if (!line)
         return 1;
     for (const char *p = line; *p; p++) {
@@ -346,7 +348,7 @@ static int parse_cmdline(const char *line)
         if (!ok) {
             puts("exitmix: error: bad argument '");
             put_word(p);
-            puts("' (design=pio|mmio|dirty units=N work=N io=N sys=N ipi=N tick=N)\n");
+            puts("' (design=pio|mmio|dirty units=N work=N io=N sys=N ipi=N tick=N halt=N)\n");
             return 0;
         }
     }
@@ -413,6 +415,13 @@ void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
      * hypervisor may leave to its next entry: wait for the last ones with IF still set. */
     for (u32 n = 0; exitmix_ipis != (u64)cfg.units * cfg.ipi && n < MAXWAIT; n++)
         __asm__ volatile("pause" ::: "memory");
+    /* Idle: HLT until `halt` more timer interrupts arrived (STI's interrupt shadow covers the
+     * HLT, so a tick between the check and the HLT still wakes it, SDM Vol. 2B STI). */
+    if (cfg.tick) {
+        u64 until = exitmix_ticks + cfg.halt;
+        while (exitmix_ticks < until)
+            __asm__ volatile("sti; hlt" ::: "memory");
+    }
     if (apic) {
         if (cfg.tick)
             lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | TIMER_VECTOR);
@@ -436,6 +445,7 @@ void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
     put_kv("sys", cfg.sys);
     put_kv("ipi", cfg.ipi);
     put_kv("tick", cfg.tick);
+    put_kv("halt", cfg.halt);
     put_kv("sent", sent);
     put_kv("completed", completed);
     put_kv("ticks", exitmix_ticks);
