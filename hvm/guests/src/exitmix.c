@@ -16,7 +16,8 @@
  *              D0101000H with PRODUCER at D0100004H (dirty; at most 256 in flight,
  *              waiting on STATUS at D0100000H while the ring is full)
  *     ipi=I    I self-IPIs: a write of (shorthand "self" | fixed | vector 41H) to the
- *              local APIC's ICR low (FEE00300H, SDM Vol. 3A 11.6.1)
+ *              local APIC's ICR low (FEE00300H, SDM Vol. 3A 11.6.1), each followed by
+ *              PAUSE until its handler ran (at most 1,000,000 times)
  * then, with tick=T > 0 and halt=H, the guest idles: HLT until H more timer interrupts came.
  * With tick=T > 0 the local APIC timer runs periodic (LVT timer FEE00320H = 20040H:
  * periodic, vector 40H; divide configuration FEE003E0H = 1011b: divide by 1; initial
@@ -24,8 +25,7 @@
  * last; the handlers (exitmix.s) count interrupts and write EOI.  With tick or ipi the
  * local APIC is software-enabled first (SVR FEE000F0H = 1FFH: enable, spurious vector
  * FFH) and IF is set; otherwise IF stays clear and the APIC page is never touched.
- * After the last unit the guest waits (dirty) until every command completed and until
- * every self-IPI arrived (IF still set; a hypervisor may deliver one late), masks
+ * After the last unit the guest waits (dirty) until every command completed, masks
  * the timer, clears IF, reads IA32_TSC_AUX back (RDMSR; only if sys > 0), checks each
  * command's CRC-32 result and prints one line:
  *     exitmix design=D units=N work=W io=K sys=S ipi=I tick=T halt=H sent=C completed=C
@@ -60,6 +60,7 @@ typedef unsigned long uptr;
 #define CMD_LEN 64
 #define MAX_CMDS 1000000
 #define MAXWAIT 4000000000u
+#define IPI_WAIT 1000000u /* PAUSE loops waiting for one self-IPI */
 
 #define LAPIC 0xFEE00000u
 #define LAPIC_TPR 0x80
@@ -274,6 +275,17 @@ static void syscall_entry(void) /* what a kernel's system-call entry does with I
     __asm__ volatile("wrmsr" : : "c"(MSR_TSC_AUX), "a"(n), "d"(0) : "memory");
 }
 
+/* One self-IPI, then wait until its handler ran: a second IPI of the same vector sent while
+ * the first still waits in the IRR would merge with it (one IRR bit per vector, SDM Vol. 3A
+ * 11.8.4), and a hypervisor may deliver it only at its next entry. */
+static void self_ipi(void)
+{
+    u64 before = exitmix_ipis;
+    lapic_write(LAPIC_ICR_LO, ICR_SELF | IPI_VECTOR);
+    for (u32 n = 0; exitmix_ipis == before && n < IPI_WAIT; n++)
+        __asm__ volatile("pause" ::: "memory");
+}
+
 static u32 cpu_work(u32 x, u32 rounds)
 {
     for (u32 i = 0; i < rounds; i++) { /* xorshift32: registers only */
@@ -402,7 +414,7 @@ void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
         for (u32 k = 0; k < cfg.io && !stalled; k++)
             send_command();
         for (u32 i = 0; i < cfg.ipi; i++)
-            lapic_write(LAPIC_ICR_LO, ICR_SELF | IPI_VECTOR);
+            self_ipi();
     }
     if (cfg.design == DIRTY) {
         for (u32 n = 0; dirty_status() != sent && n < MAXWAIT; n++)
@@ -411,10 +423,6 @@ void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
     } else {
         completed = sent; /* the doorbell exit completed each command before the guest resumed */
     }
-    /* A self-IPI is delivered when the (virtual) CPU next recognises interrupts, which a
-     * hypervisor may leave to its next entry: wait for the last ones with IF still set. */
-    for (u32 n = 0; exitmix_ipis != (u64)cfg.units * cfg.ipi && n < MAXWAIT; n++)
-        __asm__ volatile("pause" ::: "memory");
     /* Idle: HLT until `halt` more timer interrupts arrived (STI's interrupt shadow covers the
      * HLT, so a tick between the check and the HLT still wakes it, SDM Vol. 2B STI). */
     if (cfg.tick) {

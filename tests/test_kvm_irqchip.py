@@ -1,0 +1,115 @@
+"""KVM with the in-kernel irqchip ("kernel") or the VMM's local APIC in userspace ("user").
+
+Expected behaviour comes from Documentation/virt/kvm/api.rst and <linux/kvm.h> (KVM_INTERRUPT,
+kvm_run's request_interrupt_window / ready_for_interrupt_injection, KVM_EXIT_HLT without an
+in-kernel local APIC) and from the SDM's local-APIC rules; the guest is exitmix, whose accesses
+to the APIC page are fixed by its source (hvm/guests/src/exitmix.c).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from hvm.errors import EngineUnavailable
+from hvm.kvm import api as K
+from hvm.vmm.machine import Machine, MachineConfig
+from tests.conftest import needs_kvm
+
+pytestmark = needs_kvm
+SUMMARY = re.compile(rb"exitmix (.*)")
+OK = "guest wrote 0x0 to isa-debug-exit"
+
+
+def boot(irqchip: str, args: str, timeout: float = 60):
+    from hvm import guests
+
+    m = Machine(MachineConfig(engine="kvm", mem_size=32 << 20, console=lambda b: None,
+                              engine_options={"irqchip": irqchip}))
+    try:
+        m.load(guests.image_path("exitmix"), append=args)
+        result = m.run(timeout=timeout)
+        lapic = m.lapic.counters() if m.lapic else None
+    finally:
+        m.close()
+    match = SUMMARY.search(result.console)
+    assert match, (result.reason, result.console)
+    fields = dict(w.split("=", 1) for w in match.group(1).decode().split())
+    return result, {k: int(v) if v.isdigit() else v for k, v in fields.items()}, lapic
+
+
+def test_unknown_irqchip_is_refused_in_one_line() -> None:
+    with pytest.raises(EngineUnavailable, match="unknown irqchip 'pic'.*kernel, user"):
+        Machine(MachineConfig(engine="kvm", engine_options={"irqchip": "pic"}))
+
+
+def test_kvm_interrupt_semantics_per_api_rst() -> None:
+    """KVM_INTERRUPT: ENXIO with the in-kernel PIC; accepted without one; EINVAL above 255."""
+    kernel = Machine(MachineConfig(engine="kvm", mem_size=2 << 20, console=lambda b: None))
+    try:
+        assert kernel.lapic is None and not kernel.engine.userspace_lapic
+        with pytest.raises(K.KvmError) as exc:
+            kernel.engine.vcpu.interrupt(0x40)
+        assert exc.value.errno == 6  # ENXIO
+    finally:
+        kernel.close()
+    user = Machine(MachineConfig(engine="kvm", mem_size=2 << 20, console=lambda b: None,
+                                 engine_options={"irqchip": "user"}))
+    try:
+        assert user.lapic is not None and user.mmio.lookup(0xFEE0_0000 + 0xB0) == (user.lapic, 0xB0)
+        with pytest.raises(K.KvmError) as exc:
+            user.engine.vcpu.interrupt(256)  # KVM_NR_INTERRUPTS
+        assert exc.value.errno == 22  # EINVAL
+        user.engine.vcpu.interrupt(0x40)  # accepted (EEXIST is the split-irqchip case only)
+    finally:
+        user.close()
+
+
+def test_user_irqchip_cpuid_hides_x2apic_and_tsc_deadline() -> None:
+    m = Machine(MachineConfig(engine="kvm", mem_size=2 << 20, console=lambda b: None,
+                              engine_options={"irqchip": "user"}))
+    try:
+        from hvm.kvm import structs as S
+
+        buf = S.cpuid2_buffer(256)
+        K._ioctl(m.engine.vcpu.fd, K.KVM_GET_CPUID2, buf, "KVM_GET_CPUID2")
+        leaf1 = next(e for e in list(buf.entries)[: buf.nent] if e.function == 1)
+        assert not leaf1.ecx & (1 << 21) and not leaf1.ecx & (1 << 24)
+        assert leaf1.edx & (1 << 9)  # CPUID.01H:EDX[9]: an APIC is present (the VMM's)
+    finally:
+        m.close()
+
+
+def test_user_irqchip_delivers_timer_ticks_and_self_ipis() -> None:
+    """Every APIC access exits to userspace; every interrupt the guest handled was one KVM_INTERRUPT."""
+    units, ipi = 20, 2
+    result, out, lapic = boot("user", f"units={units} work=1000 io=0 sys=0 ipi={ipi} tick=1000000 halt=20")
+    assert result.reason == OK and out["ipis"] == units * ipi and out["spurious"] == 0
+    assert out["ticks"] >= 20
+    # exitmix's APIC accesses: TPR, SVR, DCR, LVT timer, initial count, then per interrupt one EOI,
+    # per self-IPI one ICR write, and the final LVT mask: all MMIO exits, none other reach the page.
+    handled = out["ticks"] + out["ipis"]
+    assert result.exits["mmio"] == 5 + handled + units * ipi + 1
+    assert lapic["mmio_writes"] == result.exits["mmio"] and lapic["mmio_reads"] == 0
+    counters = result.engine_counters
+    assert counters["user_irqchip.injected"] == handled == lapic["acks"]
+    assert counters["irq_injections"] >= handled  # the kernel's count of injections it performed
+    # HLT without an in-kernel local APIC is KVM_EXIT_HLT (api.rst); each of the 20 idle HLTs woke on a tick
+    assert result.exits["hlt"] == 20 == counters["halt_exits"]
+    assert lapic["apic.self_ipi"] == units * ipi and lapic["apic.eoi"] == handled
+
+
+def test_kernel_irqchip_same_guest_no_userspace_apic_exits() -> None:
+    units, ipi = 20, 2
+    result, out, lapic = boot("kernel", f"units={units} work=1000 io=0 sys=0 ipi={ipi} tick=1000000 halt=20")
+    assert lapic is None and result.reason == OK and out["ipis"] == units * ipi and out["ticks"] >= 20
+    assert "mmio" not in result.exits and "hlt" not in result.exits and "interrupt_window" not in result.exits
+    assert result.engine_counters["halt_exits"] >= 20  # the kernel handled the HLTs itself
+
+
+def test_user_irqchip_timer_period_follows_the_initial_count() -> None:
+    """Initial count 2,000,000 at divide-by-1 on a 1 GHz APIC bus: a 2 ms period (SDM 11.5.4)."""
+    result, out, _ = boot("user", "units=1 work=10 io=0 sys=0 tick=2000000 halt=25")
+    assert out["ticks"] >= 25
+    assert result.wall_s >= 25 * 0.002 * 0.8  # ticks never come faster than the period
