@@ -12,4 +12,6 @@ One module per concept; each starts with how to use it:
 - ``ept``: EPT pointer, walker and builder (29.3); ``memory``: the walkers' memory interface
 - ``paging``: guest paging, linear to guest-physical (Vol. 3A chapter 4); ``regs``: CR0/CR4/EFER bits
 - ``tsc``: TSC offsetting and scaling (25.6.5, 26.3)
+- ``apic``: the local APIC, xAPIC page and x2APIC MSRs, timer, IPIs (Vol. 3A chapter 11)
+- ``apicv``: virtual-APIC page, TPR/EOI/self-IPI virtualization, virtual interrupts, posted interrupts (30)
 """
