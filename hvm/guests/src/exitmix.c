@@ -25,6 +25,8 @@
  * last; the handlers (exitmix.s) count interrupts and write EOI.  With tick or ipi the
  * local APIC is software-enabled first (SVR FEE000F0H = 1FFH: enable, spurious vector
  * FFH) and IF is set; otherwise IF stays clear and the APIC page is never touched.
+ * The units (and, for dirty, the wait until every command completed) are bracketed by two
+ * byte writes to port 510H, 1 before and 2 after, so a VMM can count exits of that phase alone.
  * After the last unit the guest waits (dirty) until every command completed, masks
  * the timer, clears IF, reads IA32_TSC_AUX back (RDMSR; only if sys > 0), checks each
  * command's CRC-32 result and prints one line:
@@ -50,6 +52,7 @@ typedef unsigned long uptr;
 #define THRE_POLL_LIMIT 0xFFFF
 #define EXIT_PORT 0xF4
 
+#define PHASE_PORT 0x510 /* OUT 1: the measured phase starts; OUT 2: it ends */
 #define PIO_STATUS_PORT 0x520
 #define PIO_DOORBELL_PORT 0x524
 #define MMIO_DOORBELL_GPA 0xD0000004
@@ -407,6 +410,7 @@ void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
     }
 
     u32 x = 2463534242u;
+    outb(PHASE_PORT, 1);
     for (u32 u = 0; u < cfg.units && !stalled; u++) {
         x = cpu_work(x, cfg.work);
         for (u32 s = 0; s < cfg.sys; s++)
@@ -423,6 +427,7 @@ void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
     } else {
         completed = sent; /* the doorbell exit completed each command before the guest resumed */
     }
+    outb(PHASE_PORT, 2);
     /* Idle: HLT until `halt` more timer interrupts arrived (STI's interrupt shadow covers the
      * HLT, so a tick between the check and the HLT still wakes it, SDM Vol. 2B STI). */
     if (cfg.tick) {
