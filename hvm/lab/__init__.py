@@ -12,9 +12,10 @@ from hvm.lab.base import Experiment, Progress, Row, no_progress
 
 
 def _registry() -> dict[str, Experiment]:
-    from hvm.lab import exit_rate, io_exits, msr_bitmap, popek_goldberg, trap_emulate, tsc
+    from hvm.lab import apicv, exit_rate, io_exits, msr_bitmap, popek_goldberg, trap_emulate, tsc
 
     return {e.name: e for e in (
+        apicv.EXPERIMENT,
         exit_rate.EXPERIMENT,
         io_exits.EXPERIMENT,
         msr_bitmap.EXPERIMENT,

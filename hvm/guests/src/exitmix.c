@@ -25,8 +25,8 @@
  * last; the handlers (exitmix.s) count interrupts and write EOI.  With tick or ipi the
  * local APIC is software-enabled first (SVR FEE000F0H = 1FFH: enable, spurious vector
  * FFH) and IF is set; otherwise IF stays clear and the APIC page is never touched.
- * The units (and, for dirty, the wait until every command completed) are bracketed by two
- * byte writes to port 510H, 1 before and 2 after, so a VMM can count exits of that phase alone.
+ * The units, the wait for the commands (dirty) and the idle HLTs are bracketed by two byte
+ * writes to port 510H, 1 before and 2 after, so a VMM can count exits of that phase alone.
  * After the last unit the guest waits (dirty) until every command completed, masks
  * the timer, clears IF, reads IA32_TSC_AUX back (RDMSR; only if sys > 0), checks each
  * command's CRC-32 result and prints one line:
@@ -427,7 +427,6 @@ void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
     } else {
         completed = sent; /* the doorbell exit completed each command before the guest resumed */
     }
-    outb(PHASE_PORT, 2);
     /* Idle: HLT until `halt` more timer interrupts arrived (STI's interrupt shadow covers the
      * HLT, so a tick between the check and the HLT still wakes it, SDM Vol. 2B STI). */
     if (cfg.tick) {
@@ -435,6 +434,7 @@ void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
         while (exitmix_ticks < until)
             __asm__ volatile("sti; hlt" ::: "memory");
     }
+    outb(PHASE_PORT, 2);
     if (apic) {
         if (cfg.tick)
             lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | TIMER_VECTOR);
