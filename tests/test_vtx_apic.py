@@ -353,3 +353,16 @@ def test_mmio_byte_reads():
     assert apic.mmio_read(A.ID + 3, 1) == 0x12
     assert apic.mmio_read(A.VERSION, 2) == 0x0014
     assert apic.mmio_read(A.VERSION + 4, 4) == 0
+
+
+def test_accept_hook_receives_local_interrupts():
+    # A VMM that posts interrupts takes the APIC's own sources (timer, self-IPIs) instead of its IRR.
+    apic = enabled()
+    got = []
+    apic.accept = lambda vector, level: got.append(vector) or True
+    apic.write(A.LVT_TIMER, 0x21)
+    apic.write(A.TIMER_ICR, 1)
+    apic.tick(100)
+    apic.write(A.ICR_LOW, A.SHORTHAND_SELF | 0x41)
+    assert got == [0x21, 0x41]
+    assert apic.highest_irr() is None

@@ -107,6 +107,9 @@ GUESTS: dict[str, str] = {
     "exitmix": "the exit-rate experiment's mixed workload at ring 0: units of CPU work, IA32_TSC_AUX "
     "'system calls', command-device I/O at a chosen intensity (design=pio|mmio|dirty io=K per unit), "
     "self-IPIs and a periodic local APIC timer; one 'exitmix ...' summary line; C, see src/exitmix.c",
+    "apictick": "the apicv experiment's guest: xAPIC at 0xFEE00000 in long mode; a TPR check, M self-IPIs "
+    "(ipis=M, default 50) and N periodic 1-ms APIC timer ticks (n=N, default 50; waits with PAUSE, or "
+    "HLT with 'hlt'), an EOI each; then 'apictick: ticks N ipis M spurious 0'",
 }
 """Guest name -> what it does."""
 
@@ -125,6 +128,7 @@ GUEST_FORMAT: dict[str, str] = {
     "tscread": "multiboot",
     "syscalls": "multiboot",
     "exitmix": "multiboot",
+    "apictick": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16`` or ``flat64``."""
 

@@ -37,6 +37,7 @@ before 2023 the APIC chapter is 10, e.g. 10.8.3.1 for 11.8.3.1).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # --- xAPIC register offsets (SDM 11.4.1, Table 11-1 "Local APIC Register Address Map") ---
@@ -200,6 +201,10 @@ class LocalApic:
         self.sent: list[Ipi] = []
         #: Counts of what happened, for experiments: timer expirations, IPIs delivered to self, EOIs.
         self.stats = {"timer": 0, "self_ipi": 0, "eoi": 0, "coalesced": 0}
+        #: Where this APIC's own interrupt sources (timer, IPIs to itself, LVT error) send a vector:
+        #: ``accept(vector, level) -> bool``, by default :meth:`set_irr`. A VMM that posts interrupts
+        #: (SDM Vol. 3C 30.6) or injects them by another path replaces it.
+        self.accept: Callable[[int, bool], bool] = self.set_irr
         self._reset_registers()
 
     # ----------------------------------------------------------------- state
@@ -343,7 +348,7 @@ class LocalApic:
         self._esr_pending |= bits
         lvt = self._get(LVT_ERROR)
         if not lvt & LVT_MASKED and (lvt & 0xFF) >= 16:
-            self.set_irr(lvt & 0xFF)
+            self.accept(lvt & 0xFF, False)
 
     # ----------------------------------------------------------------- timer
     def _timer_mode(self) -> int:
@@ -406,7 +411,7 @@ class LocalApic:
         lvt = self._get(LVT_TIMER)
         # SDM 11.5.1: a masked LVT entry inhibits the interrupt; the count still runs.
         if not lvt & LVT_MASKED:
-            self.set_irr(lvt & 0xFF)
+            self.accept(lvt & 0xFF, False)
         return fired
 
     def _update(self, now: int | None) -> None:
@@ -432,7 +437,7 @@ class LocalApic:
         handled = mode in (DM_FIXED, DM_LOWEST)
         if to_self and handled:
             self.stats["self_ipi"] += 1
-            self.set_irr(vector, level=bool(icr & ICR_TRIGGER_LEVEL))
+            self.accept(vector, bool(icr & ICR_TRIGGER_LEVEL))
         # Whatever would also (or only) reach another processor, or that this model does not deliver
         # (SMI, NMI, INIT, SIPI), is recorded: there is no other processor.
         only_self = shorthand == SHORTHAND_SELF or (

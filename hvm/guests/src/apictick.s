@@ -1,0 +1,603 @@
+# apictick.s - a timer-tick and IPI heavy guest: the workload of the `apicv` experiment.
+#
+# Drives the local APIC the way a kernel does (Intel SDM Vol. 3A chapter 11), through the
+# xAPIC page at 0xFEE00000, from 64-bit long mode entered from multiboot like `trapkern`:
+#
+#   * reads IA32_APIC_BASE (RDMSR 0x1B) and the version register, prints both;
+#   * software-enables the APIC (SVR = 0x1FF: spurious vector 0xFF), masks LINT0 (firmware
+#     leaves the 8259 there in virtual-wire mode), builds an IDT with
+#     handlers for the timer (0x20), the IPI (0x40) and the spurious vector (0xFF);
+#   * TPR: with TPR = 0x50 a self-IPI with vector 0x40 (class 4) must stay pending in the
+#     IRR (SDM 11.8.3.1); writing TPR = 0 lets it in;
+#   * M self-IPIs (ipis=M, default 50) through the ICR (destination shorthand "self", fixed,
+#     vector 0x40): even ones with IF = 1, odd ones between CLI and STI (so the interrupt
+#     waits for the window STI opens);
+#   * a periodic APIC timer (LVT timer vector 0x20, divide by 16, initial count 62500: 1 ms
+#     with the 1 GHz APIC bus clock KVM and QEMU give guests) for N ticks (n=N, default 50),
+#     waiting with PAUSE, or with HLT if the command line has the word `hlt`;
+#   * every handler ends with an EOI (write of 0 to offset 0xB0); the spurious one does not
+#     (SDM 11.9);
+#   * prints "apictick: ticks N ipis M spurious S" and "apictick: done", exits through
+#     isa-debug-exit with value 0 (1 if something went wrong, after saying what).
+#
+# The console output depends on nothing but the command line, so every engine prints the same.
+
+        .include "lib.inc"              # 32-bit code, .intel_syntax noprefix
+
+        .equ AT_CODE32,         0x08    # selectors of apictick's own GDT
+        .equ AT_DATA,           0x10
+        .equ AT_CODE64,         0x18
+        .equ MSR_EFER,          0xC0000080
+        .equ MSR_APIC_BASE,     0x1B
+        .equ EFER_LME,          1 << 8
+        .equ CR0_PG,            1 << 31
+        .equ CR4_PAE,           1 << 5
+        .equ PTE_P_RW,          0x3
+        .equ PDE_2M_P_RW,       0x83
+        .equ PDE_2M_UC,         0x9B    # present, writable, PWT, PCD, 2 MiB
+
+        .equ APIC_PHYS,         0xFEE00000
+        .equ APIC_ID,           0x20    # SDM 11.4.1, Table 11-1
+        .equ APIC_VERSION,      0x30
+        .equ APIC_TPR,          0x80
+        .equ APIC_EOI,          0xB0
+        .equ APIC_SVR,          0xF0
+        .equ APIC_IRR,          0x200
+        .equ APIC_ICR_LOW,      0x300
+        .equ APIC_ICR_HIGH,     0x310
+        .equ APIC_LVT_TIMER,    0x320
+        .equ APIC_LVT_LINT0,    0x350
+        .equ APIC_TIMER_ICR,    0x380
+        .equ APIC_TIMER_CCR,    0x390
+        .equ APIC_TIMER_DCR,    0x3E0
+        .equ LVT_MASKED,        1 << 16
+        .equ TIMER_PERIODIC,    1 << 17
+        .equ ICR_SELF,          1 << 18 # destination shorthand 01: self
+        .equ TIMER_VECTOR,      0x20
+        .equ IPI_VECTOR,        0x40
+        .equ SPURIOUS_VECTOR,   0xFF
+        .equ TIMER_COUNT,       62500   # 1 ms at 1 GHz / 16
+        .equ DEFAULT_TICKS,     50
+        .equ DEFAULT_IPIS,      50
+        .equ WAIT_LIMIT,        100000000
+
+        .text
+main:
+        call    serial_init
+        mov     eax, DEFAULT_TICKS
+        call    arg_n
+        mov     [n_ticks], eax
+        mov     esi, OFFSET k_ipis
+        mov     eax, DEFAULT_IPIS
+        call    arg_named
+        mov     [n_ipis], eax
+        mov     esi, OFFSET k_hlt
+        call    has_word
+        mov     [use_hlt], eax
+
+        lgdt    [at_gdt_descriptor]
+        ljmp    AT_CODE32, OFFSET 1f
+1:
+        mov     ax, AT_DATA
+        mov     ds, ax
+        mov     es, ax
+        mov     fs, ax
+        mov     gs, ax
+        mov     ss, ax
+        call    build_idt
+        lidt    [at_idt_descriptor]
+        call    build_page_tables
+        mov     eax, cr4
+        or      eax, CR4_PAE
+        mov     cr4, eax
+        mov     eax, OFFSET pml4
+        mov     cr3, eax
+        mov     ecx, MSR_EFER
+        rdmsr
+        or      eax, EFER_LME
+        wrmsr
+        mov     eax, cr0
+        or      eax, CR0_PG
+        mov     cr0, eax
+        ljmp    AT_CODE64, OFFSET long_entry
+
+# arg_named: ESI = "key=" (a C string), EAX = default.  Returns EAX = the decimal number of
+# the first word of the command line that starts with the key, or the default.
+arg_named:
+        push    esi
+        push    edi
+        push    edx
+        push    ecx
+        push    ebx
+        mov     edx, eax                # result so far: the default
+        mov     edi, esi                # EDI = key
+        call    cmdline
+        test    esi, esi
+        jz      5f
+        mov     bl, ' '                 # previous character
+1:
+        cmp     byte ptr [esi], 0
+        je      5f
+        cmp     bl, ' '
+        jne     4f
+        xor     ecx, ecx                # compare the key at ESI
+2:
+        mov     al, [edi + ecx]
+        test    al, al
+        jz      3f                      # whole key matched
+        cmp     al, [esi + ecx]
+        jne     4f
+        inc     ecx
+        jmp     2b
+3:
+        add     ecx, esi                # ECX -> digits
+        movzx   eax, byte ptr [ecx]
+        sub     eax, '0'
+        cmp     eax, 9
+        ja      4f
+        xor     eax, eax
+6:
+        movzx   ebx, byte ptr [ecx]
+        sub     ebx, '0'
+        cmp     ebx, 9
+        ja      7f
+        imul    eax, eax, 10
+        add     eax, ebx
+        inc     ecx
+        jmp     6b
+7:
+        mov     edx, eax
+        jmp     5f
+4:
+        mov     bl, [esi]
+        inc     esi
+        jmp     1b
+5:
+        mov     eax, edx
+        pop     ebx
+        pop     ecx
+        pop     edx
+        pop     edi
+        pop     esi
+        ret
+
+# has_word: ESI = a word (C string).  EAX = 1 if the command line has it as a whole word, else 0.
+has_word:
+        push    esi
+        push    edi
+        push    ecx
+        push    ebx
+        mov     edi, esi
+        xor     eax, eax
+        call    cmdline
+        test    esi, esi
+        jz      5f
+        mov     bl, ' '
+1:
+        cmp     byte ptr [esi], 0
+        je      5f
+        cmp     bl, ' '
+        jne     4f
+        xor     ecx, ecx
+2:
+        mov     bl, [edi + ecx]
+        test    bl, bl
+        jz      3f
+        cmp     bl, [esi + ecx]
+        jne     4f
+        inc     ecx
+        jmp     2b
+3:
+        mov     bl, [esi + ecx]         # the word must end there
+        test    bl, bl
+        jz      6f
+        cmp     bl, ' '
+        jne     4f
+6:
+        mov     eax, 1
+        jmp     5f
+4:
+        mov     bl, [esi]
+        inc     esi
+        jmp     1b
+5:
+        pop     ebx
+        pop     ecx
+        pop     edi
+        pop     esi
+        ret
+
+# build_idt: 64-bit interrupt gates (type 14, DPL 0): timer, IPI, spurious; all else `unexpected`.
+build_idt:
+        mov     edi, OFFSET idt
+        xor     ecx, ecx
+1:
+        mov     eax, OFFSET isr_unexpected
+        cmp     ecx, TIMER_VECTOR
+        jne     2f
+        mov     eax, OFFSET isr_timer
+2:
+        cmp     ecx, IPI_VECTOR
+        jne     3f
+        mov     eax, OFFSET isr_ipi
+3:
+        cmp     ecx, SPURIOUS_VECTOR
+        jne     4f
+        mov     eax, OFFSET isr_spurious
+4:
+        mov     [edi], ax               # offset 15:0
+        mov     word ptr [edi + 2], AT_CODE64
+        mov     word ptr [edi + 4], 0x8E00      # present, DPL 0, 64-bit interrupt gate
+        shr     eax, 16
+        mov     [edi + 6], ax           # offset 31:16
+        mov     dword ptr [edi + 8], 0  # offset 63:32
+        mov     dword ptr [edi + 12], 0
+        add     edi, 16
+        inc     ecx
+        cmp     ecx, 256
+        jne     1b
+        ret
+
+# build_page_tables: the first GiB identity-mapped with 2-MiB pages, and the 2-MiB page holding
+# the APIC (0xFEE00000) identity-mapped uncacheable: PML4[0] -> PDPT; PDPT[0] -> PD0;
+# PDPT[3] -> PD3; PD3[(0xFEE00000 - 0xC0000000) >> 21] -> 0xFEE00000.
+build_page_tables:
+        mov     dword ptr [pml4], OFFSET pdpt + PTE_P_RW
+        mov     dword ptr [pdpt], OFFSET pd0 + PTE_P_RW
+        mov     dword ptr [pdpt + 3 * 8], OFFSET pd3 + PTE_P_RW
+        mov     dword ptr [pd3 + ((APIC_PHYS - 0xC0000000) >> 21) * 8], APIC_PHYS + PDE_2M_UC
+        mov     edi, OFFSET pd0
+        mov     eax, PDE_2M_P_RW
+        mov     ecx, 512
+1:
+        mov     [edi], eax
+        mov     dword ptr [edi + 4], 0
+        add     eax, 0x200000
+        add     edi, 8
+        dec     ecx
+        jnz     1b
+        ret
+
+# --------------------------------------------------------------------- 64-bit code
+        .code64
+long_entry:
+        mov     ax, AT_DATA
+        mov     ds, ax
+        mov     es, ax
+        mov     ss, ax
+        mov     esp, OFFSET kstack_top
+
+        # --- where the APIC is, which one it is ------------------------------------------
+        mov     ecx, MSR_APIC_BASE
+        rdmsr
+        mov     r12d, eax
+        lea     rsi, [rip + m_base]
+        call    puts64
+        mov     eax, r12d
+        call    put_hex64
+        mov     eax, r12d
+        and     eax, 0xFFFFF000
+        cmp     eax, APIC_PHYS
+        jne     bad_base
+        mov     ebx, APIC_PHYS          # RBX = the xAPIC page, from here on
+        lea     rsi, [rip + m_version]
+        call    puts64
+        mov     eax, [rbx + APIC_VERSION]
+        call    put_hex64
+        call    newline64
+
+        # --- enable: spurious vector 0xFF, APIC software enable ---------------------------
+        mov     dword ptr [rbx + APIC_SVR], 0x100 | SPURIOUS_VECTOR
+        # Firmware (QEMU's SeaBIOS) leaves LINT0 in ExtINT "virtual wire" mode, so the 8259's
+        # PIT interrupt would arrive at vector 8; mask it (SDM 11.5.1) as a kernel does.
+        mov     dword ptr [rbx + APIC_LVT_LINT0], LVT_MASKED
+        mov     dword ptr [rbx + APIC_TPR], 0
+        mov     dword ptr [rbx + APIC_TIMER_DCR], 0x3   # divide by 16 (SDM Figure 11-10)
+        sti
+
+        # --- TPR holds back a lower-class interrupt ----------------------------------------
+        mov     dword ptr [rbx + APIC_TPR], 0x50
+        mov     dword ptr [rbx + APIC_ICR_LOW], ICR_SELF | IPI_VECTOR
+        mov     ecx, 1000               # time enough for a wrong delivery to show
+1:
+        pause
+        dec     ecx
+        jnz     1b
+        mov     r13d, [rip + ipis]      # must still be 0
+        mov     r14d, [rbx + APIC_IRR + 0x20]   # vector 0x40: IRR bit 0 at offset 0x220
+        and     r14d, 1
+        mov     dword ptr [rbx + APIC_TPR], 0
+        mov     eax, 1
+        call    wait_ipis
+        lea     rsi, [rip + m_tpr]
+        call    puts64
+        test    r13d, r13d
+        jnz     tpr_bad
+        test    r14d, r14d
+        jz      tpr_bad
+        mov     eax, [rip + ipis]
+        cmp     eax, 1
+        jne     tpr_bad
+        lea     rsi, [rip + m_ok]
+        call    puts64
+        mov     dword ptr [rip + ipis], 0
+
+        # --- M self-IPIs --------------------------------------------------------------------
+        xor     r15d, r15d
+2:
+        cmp     r15d, [rip + n_ipis]
+        jae     4f
+        test    r15d, 1
+        jnz     3f
+        mov     dword ptr [rbx + APIC_ICR_LOW], ICR_SELF | IPI_VECTOR
+        jmp     5f
+3:
+        cli
+        mov     dword ptr [rbx + APIC_ICR_LOW], ICR_SELF | IPI_VECTOR
+        sti
+        nop
+5:
+        inc     r15d
+        mov     eax, r15d
+        call    wait_ipis
+        jmp     2b
+4:
+        # --- N timer ticks ------------------------------------------------------------------
+        cmp     dword ptr [rip + n_ticks], 0
+        je      8f
+        mov     dword ptr [rbx + APIC_LVT_TIMER], TIMER_PERIODIC | TIMER_VECTOR
+        mov     dword ptr [rbx + APIC_TIMER_ICR], TIMER_COUNT
+        mov     eax, [rbx + APIC_TIMER_CCR]     # counting down from the initial count
+        cmp     eax, TIMER_COUNT
+        ja      ccr_bad
+6:
+        mov     eax, [rip + ticks]
+        cmp     eax, [rip + n_ticks]
+        jae     7f
+        cmp     dword ptr [rip + use_hlt], 0
+        je      9f
+        hlt
+        jmp     6b
+9:
+        pause
+        jmp     6b
+7:
+        mov     dword ptr [rbx + APIC_TIMER_ICR], 0     # stop the timer
+8:
+        cli
+        lea     rsi, [rip + m_ticks]
+        call    puts64
+        mov     eax, [rip + ticks]
+        call    put_dec64
+        lea     rsi, [rip + m_ipis]
+        call    puts64
+        mov     eax, [rip + ipis]
+        call    put_dec64
+        lea     rsi, [rip + m_spurious]
+        call    puts64
+        mov     eax, [rip + spurious]
+        call    put_dec64
+        call    newline64
+        lea     rsi, [rip + m_done]
+        call    puts64
+        xor     eax, eax
+        jmp     exit64
+
+bad_base:
+        lea     rsi, [rip + m_bad_base]
+        jmp     fail64
+tpr_bad:
+        lea     rsi, [rip + m_tpr_bad]
+        jmp     fail64
+ccr_bad:
+        lea     rsi, [rip + m_ccr_bad]
+        jmp     fail64
+ipi_lost:
+        lea     rsi, [rip + m_ipi_lost]
+fail64:
+        call    puts64
+        mov     eax, 1
+exit64:
+        mov     dx, EXIT_PORT
+        out     dx, eax
+1:
+        cli
+        hlt
+        jmp     1b
+
+# wait_ipis: wait (bounded) until the IPI handler has counted EAX interrupts; else fail.
+wait_ipis:
+        push    rcx
+        mov     ecx, WAIT_LIMIT
+1:
+        cmp     [rip + ipis], eax
+        jae     2f
+        pause
+        dec     ecx
+        jnz     1b
+        jmp     ipi_lost
+2:
+        pop     rcx
+        ret
+
+# Interrupt handlers (64-bit interrupt gates: IF is 0 inside). Frame: RIP, CS, RFLAGS, RSP, SS.
+isr_timer:
+        push    rax
+        push    rbx
+        mov     ebx, APIC_PHYS
+        mov     eax, [rip + ticks]
+        inc     eax
+        mov     [rip + ticks], eax
+        cmp     eax, [rip + n_ticks]
+        jb      1f
+        mov     dword ptr [rbx + APIC_LVT_TIMER], LVT_MASKED | TIMER_PERIODIC | TIMER_VECTOR
+1:
+        mov     dword ptr [rbx + APIC_EOI], 0
+        pop     rbx
+        pop     rax
+        iretq
+
+isr_ipi:
+        push    rbx
+        mov     ebx, APIC_PHYS
+        inc     dword ptr [rip + ipis]
+        mov     dword ptr [rbx + APIC_EOI], 0
+        pop     rbx
+        iretq
+
+isr_spurious:                           # SDM 11.9: no EOI for the spurious vector
+        inc     dword ptr [rip + spurious]
+        iretq
+
+isr_unexpected:
+        lea     rsi, [rip + m_unexpected]
+        jmp     fail64
+
+# 64-bit console helpers: COM1 polled like lib.inc's.
+putc64:
+        push    rcx
+        push    rdx
+        push    rax
+        mov     dx, COM1_PORT + UART_LSR
+        mov     ecx, THRE_POLL_LIMIT
+1:
+        in      al, dx
+        test    al, LSR_THRE
+        jnz     2f
+        dec     ecx
+        jnz     1b
+2:
+        pop     rax
+        mov     dx, COM1_PORT + UART_THR
+        out     dx, al
+        pop     rdx
+        pop     rcx
+        ret
+
+puts64:
+        push    rax
+        push    rsi
+1:
+        lodsb
+        test    al, al
+        jz      2f
+        call    putc64
+        jmp     1b
+2:
+        pop     rsi
+        pop     rax
+        ret
+
+newline64:
+        push    rax
+        mov     al, '\n'
+        call    putc64
+        pop     rax
+        ret
+
+# put_hex64: EAX as "0x" and 8 hex digits.
+put_hex64:
+        push    rax
+        push    rcx
+        push    rdx
+        mov     edx, eax
+        mov     al, '0'
+        call    putc64
+        mov     al, 'x'
+        call    putc64
+        mov     ecx, 8
+1:
+        rol     edx, 4
+        mov     al, dl
+        and     al, 0x0F
+        add     al, '0'
+        cmp     al, '9'
+        jbe     2f
+        add     al, 'a' - '0' - 10
+2:
+        call    putc64
+        dec     ecx
+        jnz     1b
+        pop     rdx
+        pop     rcx
+        pop     rax
+        ret
+
+# put_dec64: EAX in decimal.
+put_dec64:
+        push    rax
+        push    rcx
+        push    rdx
+        push    rbx
+        mov     ebx, 10
+        xor     ecx, ecx
+1:
+        xor     edx, edx
+        div     ebx
+        push    rdx
+        inc     ecx
+        test    eax, eax
+        jnz     1b
+2:
+        pop     rax
+        add     al, '0'
+        call    putc64
+        dec     ecx
+        jnz     2b
+        pop     rbx
+        pop     rdx
+        pop     rcx
+        pop     rax
+        ret
+
+        .section .rodata
+k_ipis:         .asciz "ipis="
+k_hlt:          .asciz "hlt"
+m_base:         .asciz "apictick: apic base "
+m_version:      .asciz " version "
+m_tpr:          .asciz "apictick: tpr 0x50 holds vector 0x40, tpr 0 lets it in: "
+m_ok:           .asciz "ok\n"
+m_ticks:        .asciz "apictick: ticks "
+m_ipis:         .asciz " ipis "
+m_spurious:     .asciz " spurious "
+m_done:         .asciz "apictick: done\n"
+m_bad_base:     .asciz "\napictick: the APIC is not at 0xfee00000\n"
+m_tpr_bad:      .asciz "FAILED\n"
+m_ccr_bad:      .asciz "apictick: current count above the initial count\n"
+m_ipi_lost:     .asciz "\napictick: an IPI was not delivered\n"
+m_unexpected:   .asciz "\napictick: unexpected interrupt or exception\n"
+
+        .data
+        .balign 8
+at_gdt:
+        .quad 0                         # 0x00: null
+        .quad 0x00CF9A000000FFFF        # 0x08: code, 32-bit, DPL 0
+        .quad 0x00CF92000000FFFF        # 0x10: data, DPL 0
+        .quad 0x00AF9A000000FFFF        # 0x18: code, 64-bit (L), DPL 0
+at_gdt_end:
+at_gdt_descriptor:
+        .word at_gdt_end - at_gdt - 1
+        .long at_gdt, 0
+at_idt_descriptor:
+        .word 256 * 16 - 1
+        .long idt, 0
+        .balign 4
+n_ticks:        .long 0
+n_ipis:         .long 0
+use_hlt:        .long 0
+ticks:          .long 0
+ipis:           .long 0
+spurious:       .long 0
+
+        .bss
+        .balign 4096
+pml4:   .skip 4096
+pdpt:   .skip 4096
+pd0:    .skip 4096
+pd3:    .skip 4096
+idt:    .skip 256 * 16
+        .balign 16
+kstack: .skip 8192
+kstack_top:
+
+        .text
