@@ -317,16 +317,29 @@ class _terminal:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved)
 
 
+def _measured(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:,}"
+
+
 def _params(pairs: list[str], defaults: dict) -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in defaults:
             raise HvmError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(defaults)}")
+        default = defaults[key]
         try:
-            out[key] = type(defaults[key])(value)
+            if isinstance(default, bool):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("1", "true", "yes")
+            elif isinstance(default, list):  # comma-separated, typed like the default's elements
+                kind = type(default[0]) if default else int
+                out[key] = [kind(v) for v in value.split(",") if v.strip()]
+            else:
+                out[key] = type(default)(value)
         except ValueError:
-            raise HvmError(f"--set {pair!r}: {value!r} is not a {type(defaults[key]).__name__}") from None
+            raise HvmError(f"--set {pair!r}: {value!r} is not a {type(default).__name__}") from None
     return out
 
 
@@ -372,7 +385,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             for c in sec.comparisons:
                 print(
                     f"{sec.experiment.name}: {c.figure.label}: chapter {c.figure.value:,} {c.figure.unit}, "
-                    f"{c.engine} {c.measured:,} {c.figure.unit}"
+                    f"{c.engine} {_measured(c.measured)} {c.figure.unit}"
                 )
         print(f"wrote {out / 'report.md'}, {out / 'report.html'}")
         return 0
@@ -394,7 +407,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
         for c in exp.compare(rows):
             print(
                 f"{c.figure.label}: chapter {c.figure.value:,} {c.figure.unit}; {c.engine}: "
-                f"{c.measured:,} {c.figure.unit} — {c.why}"
+                f"{_measured(c.measured)} {c.figure.unit} — {c.why}"
             )
     return 0
 

@@ -322,8 +322,8 @@ def compare(rows: list[Row]) -> list[Comparison]:
                f"features {_fmt_fit(on)}. ")
         if engine == "model":
             why += ("Baseline: each port-I/O doorbell is an I/O-instruction exit; with the dirty-page "
-                    "doorbell a command costs no exit, what is left of λ_io is the poll timer's exits "
-                    "over a longer run")
+                    "doorbell a command costs no exit, and the poll timer's host signals (host_kicks) are "
+                    "not VM exits in the model, so λ_io vanishes")
         else:
             why += ("Baseline: each doorbell is an exit to userspace, and its time lets more ticks and host "
                     "kicks land in the run; dirty-page doorbell: write-protection faults after each harvest "
