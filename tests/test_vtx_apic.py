@@ -366,3 +366,18 @@ def test_accept_hook_receives_local_interrupts():
     apic.write(A.ICR_LOW, A.SHORTHAND_SELF | 0x41)
     assert got == [0x21, 0x41]
     assert apic.highest_irr() is None
+
+
+def test_trap_like_writes_find_the_value_already_on_the_page():
+    # With APICv the processor writes the page first and the VMM hears of it after (an APIC-write VM
+    # exit, SDM Vol. 3C 30.4.3.3): the timer must still see the mode change and the new count.
+    apic = enabled()
+    apic.write(A.LVT_TIMER, 0x30)
+    apic.write(A.TIMER_ICR, 100)
+    apic.page[A.LVT_TIMER : A.LVT_TIMER + 4] = (0x30 | A.TIMER_PERIODIC).to_bytes(4, "little")
+    apic.write(A.LVT_TIMER, 0x30 | A.TIMER_PERIODIC)
+    assert apic.next_deadline() is None  # SDM 11.5.4.1: the mode changed, the timer is disarmed
+    apic.write(A.TIMER_ICR, 100)
+    apic.page[A.TIMER_ICR : A.TIMER_ICR + 4] = bytes(4)
+    apic.write(A.TIMER_ICR, 0, now=50)  # stops it (no division by a zero period on the way)
+    assert apic.next_deadline() is None and apic.tick(1000) == 0

@@ -218,6 +218,12 @@ class LocalApic:
         for lvt in _LVT_OFFSETS:
             self._set(lvt, LVT_MASKED)
         self._esr_pending = 0
+        # The timer's registers as last written through this APIC. The page may hold newer values
+        # before the VMM hears of them (APICv's trap-like APIC-write exits, SDM Vol. 3C 30.4.3.3), so
+        # the timer runs from these (as KVM keeps its own lapic_timer state).
+        self._lvtt = LVT_MASKED
+        self._initial = 0
+        self._dcr = 0
         self._timer_start = 0  # bus-clock reference of the count-down timer (in TSC ticks)
         self._timer_armed = False
         self._tsc_deadline = 0
@@ -352,7 +358,7 @@ class LocalApic:
 
     # ----------------------------------------------------------------- timer
     def _timer_mode(self) -> int:
-        return self._get(LVT_TIMER) & TIMER_MODE_MASK
+        return self._lvtt & TIMER_MODE_MASK
 
     def _bus_ticks(self, tsc_delta: int) -> int:
         return tsc_delta * self.bus_hz // self.tsc_hz
@@ -363,14 +369,14 @@ class LocalApic:
 
     def _period_tsc(self) -> int:
         """TSC ticks for one full count of the initial count at the current divisor."""
-        return self._tsc_for_bus(self._get(TIMER_ICR) * timer_divisor(self._get(TIMER_DCR)))
+        return self._tsc_for_bus(self._initial * timer_divisor(self._dcr))
 
     def current_count(self) -> int:
         """SDM 11.5.4: the current-count register, counting down from the initial count at bus/divisor."""
         if self._timer_mode() == TIMER_TSC_DEADLINE or not self._timer_armed:
             return 0  # SDM 11.5.4.1: reads 0 in TSC-deadline mode; 0 once a one-shot count reached 0
-        initial = self._get(TIMER_ICR)
-        elapsed = self._bus_ticks(self.now - self._timer_start) // timer_divisor(self._get(TIMER_DCR))
+        initial = self._initial
+        elapsed = self._bus_ticks(self.now - self._timer_start) // timer_divisor(self._dcr)
         if self._timer_mode() == TIMER_PERIODIC:
             return initial - elapsed % initial
         return max(initial - elapsed, 0)
@@ -408,7 +414,7 @@ class LocalApic:
             fired = 1
             self._timer_armed = False
         self.stats["timer"] += fired
-        lvt = self._get(LVT_TIMER)
+        lvt = self._lvtt
         # SDM 11.5.1: a masked LVT entry inhibits the interrupt; the count still runs.
         if not lvt & LVT_MASKED:
             self.accept(lvt & 0xFF, False)
@@ -503,32 +509,37 @@ class LocalApic:
                 # SDM 11.4.7.2: software-disabling the APIC sets every LVT mask bit.
                 for lvt in _LVT_OFFSETS:
                     self._set(lvt, self._get(lvt) | LVT_MASKED)
+                self._lvtt |= LVT_MASKED
         elif offset in _LVT_OFFSETS:
             value &= _WRITABLE[offset]
             if not self.sw_enabled:
                 value |= LVT_MASKED  # SDM 11.4.7.2: masks cannot be cleared while software-disabled
-            if offset == LVT_TIMER and (value ^ self._get(LVT_TIMER)) & TIMER_MODE_MASK:
-                # SDM 11.5.4.1: "A write to the LVT Timer Register that changes the timer mode disarms
-                # the local APIC timer."
-                self._timer_armed = False
-                self._tsc_deadline = 0
+            if offset == LVT_TIMER:
+                if (value ^ self._lvtt) & TIMER_MODE_MASK:
+                    # SDM 11.5.4.1: "A write to the LVT Timer Register that changes the timer mode
+                    # disarms the local APIC timer."
+                    self._timer_armed = False
+                    self._tsc_deadline = 0
+                self._lvtt = value
             self._set(offset, value | self._get(offset) & LVT_DELIVERY_STATUS)
         elif offset == TIMER_ICR:
             if self._timer_mode() == TIMER_TSC_DEADLINE:
                 return  # SDM 11.5.4.1: writes to the initial-count register are ignored
             # SDM 11.5.4: writing the initial count (re)starts the count; 0 stops the timer.
             self._set(TIMER_ICR, value)
+            self._initial = value
             self._timer_start = self.now
             self._timer_armed = value != 0
         elif offset == TIMER_DCR:
             # Keep the current count across a divisor change, continuing at the new rate.
             if self._timer_armed and self._timer_mode() != TIMER_TSC_DEADLINE:
                 remaining = self.current_count()
-                self._set(TIMER_DCR, value & _WRITABLE[TIMER_DCR])
-                consumed = self._get(TIMER_ICR) - remaining
+                self._dcr = value & _WRITABLE[TIMER_DCR]
+                consumed = self._initial - remaining
                 self._timer_start = self.now - self._tsc_for_bus(consumed * timer_divisor(value))
             else:
-                self._set(TIMER_DCR, value & _WRITABLE[TIMER_DCR])
+                self._dcr = value & _WRITABLE[TIMER_DCR]
+            self._set(TIMER_DCR, self._dcr)
         elif offset == SELF_IPI:
             # SDM 11.12.11: a self IPI, fixed delivery, edge-triggered, vector in bits 7:0.
             self._send_ipi(value & 0xFF | SHORTHAND_SELF, 0)

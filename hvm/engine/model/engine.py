@@ -38,10 +38,14 @@ notes it. The engine therefore registers a pipe as the signal wakeup fd; a watch
 on it and stops the emulation, the VMM's handler (a timeout or poller tick, which calls
 :meth:`kick`) runs, and ``run()`` returns an ``intr`` exit within microseconds.
 
-Not modelled (``capabilities()`` says so): an interrupt controller and timer, hence external
-interrupts, interrupt-window/NMI-window exiting, the preemption timer, posted interrupts and
-APIC virtualization; PAUSE-loop exiting; task switches through task gates; virtual-8086 mode;
-SMM. CR0.NE and CR4.VMXE are not fixed to 1 for guests (see :mod:`~hvm.engine.model.vmcs`).
+A local APIC is there on request: ``ModelEngine(memory, apic="legacy")`` injects its interrupts
+through VM-entry interruption information with interrupt-window exiting, ``apic="apicv"`` uses
+APIC virtualization and posted interrupts (:mod:`~hvm.engine.model.apic`); the default ``"off"``
+has none.
+
+Not modelled (``capabilities()`` says so): an I/O APIC or PIC (device IRQ lines reach nothing),
+NMI-window exiting, the preemption timer; PAUSE-loop exiting; task switches through task gates;
+virtual-8086 mode; SMM. CR0.NE and CR4.VMXE are not fixed to 1 for guests (see :mod:`~hvm.engine.model.vmcs`).
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ from unicorn import x86_const as R
 
 from hvm.cpu import CR0_PG, CR4_PAE, EFER_LMA, CpuState
 from hvm.engine.base import Engine
+from hvm.engine.model.apic import MODES as APIC_MODES
+from hvm.engine.model.apic import ApicSupport
 from hvm.engine.model.codepages import CodePages
 from hvm.engine.model.cost import CostModel
 from hvm.engine.model.cpu import UnicornCpu
@@ -220,9 +226,12 @@ class ModelEngine(Engine):
 
     name = "model"
 
-    def __init__(self, memory: GuestMemory, *, cost: CostModel | None = None) -> None:
+    def __init__(self, memory: GuestMemory, *, cost: CostModel | None = None, apic: str = "off") -> None:
         if len(memory.regions) != 1 or memory.regions[0].gpa != 0:
             raise EngineUnavailable("the model engine supports guest RAM as one region at address 0")
+        if apic not in APIC_MODES:
+            raise EngineUnavailable(f"the model engine's apic option is one of {', '.join(APIC_MODES)}, "
+                                    f"not {apic!r}")
         self.memory = memory
         self.host = HostMemory(memory)
         self.cost = cost or CostModel()
@@ -308,6 +317,7 @@ class ModelEngine(Engine):
         uc.hook_add(UC_HOOK_INSN, self._on_platform_in, None, 1, 0, R.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_platform_out, None, 1, 0, R.UC_X86_INS_OUT)
         uc.mmio_map(MMIO_WINDOW, PAGE, self._on_mmio_read, None, self._on_mmio_write, None)
+        self.apic: ApicSupport | None = None if apic == "off" else ApicSupport(self, apic)
 
     # --- the Engine interface --------------------------------------------------------------
     def set_state(self, state: CpuState) -> None:
@@ -430,7 +440,8 @@ class ModelEngine(Engine):
         return {"ept": True, "vpid": True, "unrestricted_guest": True, "tsc_offsetting": True,
                 "tsc_scaling": True, "io_bitmaps": True, "msr_bitmaps": True, "exception_bitmap": True,
                 "mmio": True, "coalesced_mmio": True, "dirty_log": True, "irqchip": False,
-                "interrupt_injection": False, "nested": False}
+                "interrupt_injection": self.apic is not None, "local_apic": self.apic is not None,
+                "apicv": self.apic is not None and self.apic.mode == "apicv", "nested": False}
 
     def counters(self) -> dict[str, int]:
         out = {"exits": sum(self.exit_counts.values()), "modelled_overhead_cycles": self.overhead_cycles,
@@ -438,10 +449,14 @@ class ModelEngine(Engine):
         out.update({f"exit_reason.{reason.name}": n for reason, n in sorted(self.exit_counts.items())})
         out.update({"tlb_fills": self.tlb_fills, "code_pages_scanned": self.code.scans,
                     "sensitive_hooks": self.code.hook_count})
+        if self.apic is not None:
+            out.update(self.apic.counters())
         return out
 
     def close(self) -> None:
         self._closed = True
+        if self.apic is not None:
+            self.apic.close()
         if self._wakeup is not None:
             try:
                 current = signal.set_wakeup_fd(-1)
@@ -499,15 +514,9 @@ class ModelEngine(Engine):
             if exit_ is not None:
                 return exit_
         if vmcs.controls_written:
-            try:
-                check_vm_entry_controls(vmcs)  # SDM 28.2.1: VMfailValid(7) on a bad control field
-            except VmxInstructionError as error:
-                return Exit(ExitKind.FAIL_ENTRY, qualification=error.number,
-                            detail=f"VM entry failed: {error}")
-            self.latched = Latched.read(vmcs, self.host.view)
-            vmcs.controls_written = False
-            self._forget_ept()
-            self._flush_tlb()
+            exit_ = self._latch_controls()
+            if exit_ is not None:
+                return exit_
         if vmcs.guest_written:
             regs = self._entry_regs or self.cpu.store().regs
             state = load_guest_state(vmcs, regs)
@@ -523,16 +532,7 @@ class ModelEngine(Engine):
             self._halted = vmcs.peek(F.GUEST_ACTIVITY_STATE) == HLT_STATE
             self._entry_regs = None
             vmcs.guest_written = False
-        info = vmcs.peek(F.VM_ENTRY_INTR_INFO_FIELD) if vmcs.injection_written else 0
-        vmcs.injection_written = False
-        if info >> 31:  # SDM 28.6: event injection; the valid bit is cleared on the next exit
-            vmcs.store(F.VM_ENTRY_INTR_INFO_FIELD, info & ~(1 << 31))
-            decoded = InterruptionInfo.decode(info)
-            code = vmcs.peek(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if decoded.error_code_valid else None
-            if decoded.type in (4, 5, 6):  # software events resume past the instruction
-                rip = self.uc.reg_read(R.UC_X86_REG_RIP)
-                self.uc.reg_write(R.UC_X86_REG_RIP, rip + vmcs.peek(F.VM_ENTRY_INSTRUCTION_LEN))
-            self._inject.append(Event(decoded.vector, decoded.type, code))
+        self._entry_injection()
         while self._inject:
             exit_ = self._deliver(self._inject.pop(0))
             if exit_ is not None:
@@ -540,6 +540,34 @@ class ModelEngine(Engine):
         if not self.latched.proc2 & ProcBased2.ENABLE_VPID:
             self._flush_tlb()  # SDM 29.4.3.3: without VPIDs, VM entries invalidate linear mappings
         return None
+
+    def _latch_controls(self) -> Exit | None:
+        """VM entry's checks of the control fields, then the processor latches them."""
+        vmcs = self.vmcs
+        try:
+            check_vm_entry_controls(vmcs)  # SDM 28.2.1: VMfailValid(7) on a bad control field
+        except VmxInstructionError as error:
+            return Exit(ExitKind.FAIL_ENTRY, qualification=error.number,
+                        detail=f"VM entry failed: {error}")
+        self.latched = Latched.read(vmcs, self.host.view)
+        vmcs.controls_written = False
+        self._forget_ept()
+        self._flush_tlb()
+        return None
+
+    def _entry_injection(self) -> None:
+        """SDM 28.6: event injection from the VM-entry interruption-information field."""
+        vmcs = self.vmcs
+        info = vmcs.peek(F.VM_ENTRY_INTR_INFO_FIELD) if vmcs.injection_written else 0
+        vmcs.injection_written = False
+        if info >> 31:  # the valid bit is cleared on the next exit
+            vmcs.store(F.VM_ENTRY_INTR_INFO_FIELD, info & ~(1 << 31))
+            decoded = InterruptionInfo.decode(info)
+            code = vmcs.peek(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if decoded.error_code_valid else None
+            if decoded.type in (4, 5, 6):  # software events resume past the instruction
+                rip = self.uc.reg_read(R.UC_X86_REG_RIP)
+                self.uc.reg_write(R.UC_X86_REG_RIP, rip + vmcs.peek(F.VM_ENTRY_INSTRUCTION_LEN))
+            self._inject.append(Event(decoded.vector, decoded.type, code))
 
     def _complete_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -555,6 +583,8 @@ class ModelEngine(Engine):
         if self._watcher is None:
             self._start_watcher()
         while True:
+            if self.apic is not None:
+                self.apic.boundary()  # the local APIC's timer and interrupts at this instruction boundary
             while self._inject:  # events an in-engine completion queued
                 exit_ = self._deliver(self._inject.pop(0))
                 if exit_ is not None:
@@ -563,6 +593,7 @@ class ModelEngine(Engine):
                 if not self._wait_for_event():
                     self._kicked = False
                     return Exit(ExitKind.INTR)
+                continue  # an interrupt wakes the processor: deliver it first
             self._exit = self._event = self._mmio_hit = None
             error = None
             self._entries += 1
@@ -634,9 +665,13 @@ class ModelEngine(Engine):
 
     def _wait_for_event(self) -> bool:
         """The HLT activity state: wait for an event; False when the host kicked instead."""
-        # Interrupt delivery is not modelled (no interrupt controller), so only the host ends it.
+        # Without a local APIC nothing delivers interrupts, so only the host ends it.
+        apic = self.apic
         while not self._kicked:
-            time.sleep(0.002)  # a host signal's handler sets the flag; no lock is shared with it
+            if apic is not None and apic.wake():
+                return True
+            # a host signal's handler sets the flag; no lock is shared with it
+            time.sleep(0.002 if apic is None else apic.idle_sleep())
         return False
 
     def _start_watcher(self) -> None:
@@ -705,6 +740,9 @@ class ModelEngine(Engine):
 
     def _vm_exit(self, vmexit: VmExit) -> Exit | None:
         """Record a VM exit; returns what run() reports, or None for an exit finished in-engine."""
+        if self.apic is not None and self.apic.claims_msr(vmexit):
+            self.apic.msr_exit(vmexit)  # the hypervisor's local APIC, as KVM's in-kernel one
+            return None
         if vmexit.exit is None:
             self._record(vmexit, None)
             self._pending = vmexit
@@ -1266,6 +1304,9 @@ class ModelEngine(Engine):
             uc.context_restore(saved)  # undo the pass: the read had no data yet
             self._exit = self._event = None
             gpa, size = step.missing
+            if self.apic is not None and self.apic.claims(gpa):
+                step.reads.append(self.apic.mmio_read(step, gpa, size))  # answered in-engine
+                return self._mmio_execute()
             return self._record(*self._mmio_exit(step, gpa, size, None))
         if not done:
             uc.context_restore(saved)
@@ -1281,6 +1322,9 @@ class ModelEngine(Engine):
         self._mmio = None
         writes = []
         for gpa, size, value in step.writes:
+            if self.apic is not None and self.apic.claims(gpa):
+                self.apic.mmio_write(step, gpa, size, value)  # finished in-engine (or virtualized)
+                continue
             vmexit, exit_ = self._mmio_exit(step, gpa, size, value)
             if any(base <= gpa and gpa + size <= base + length for base, length in self._coalesced):
                 self._record(vmexit, None)  # a VM exit all the same, finished in-engine
