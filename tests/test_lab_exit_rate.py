@@ -56,7 +56,10 @@ def test_model_rows_finish_and_count_the_work_phase(model_rows) -> None:
 def test_model_fit_and_compare(model_rows) -> None:
     fitted = exit_rate.fits(model_rows)
     base = fitted[("model", "baseline")]
-    assert base["lambda_io"] == pytest.approx(1.0, abs=1e-9)  # one I/O exit per command
+    # one I/O-instruction exit per command, exactly; timer exits over the longer run come on top
+    io = exit_rate.fit([(r["intensity"], r["engine_exit_reasons"]["IO_INSTRUCTION"] / r["units"])
+                        for r in model_rows if r["config"] == "baseline"])
+    assert io["lambda_io"] == pytest.approx(1.0, abs=1e-9) and base["lambda_io"] >= 1.0 - 3 * base["se_io"]
     (cmp,) = exit_rate.compare(model_rows)
     assert cmp.figure.value == 60 and "60%" in cmp.figure.quote and cmp.figure.section.endswith("微调的艺术")
     on = fitted[("model", "features")]
