@@ -46,9 +46,12 @@ def test_kvm_user_irqchip_exits_per_apic_access(kvm_rows, wait: str) -> None:
     # on; initial count 0; one EOI per interrupt: 2M + 2t - N + 15 accesses, each one KVM_EXIT_MMIO.
     assert r["exits_by_kind"]["mmio"] == 2 * M + 2 * t - N + 15 == r["kernel"]["mmio_exits"]
     assert r["vmm_lapic"]["mmio_reads"] == 3
-    # the M/2 IPIs sent with IF = 0 each wait for an interrupt window; the others go in at once
-    assert r["exits_by_kind"]["interrupt_window"] == M // 2 == r["kernel"]["irq_window_exits"]
-    assert r["injected_by_vmm"] == r["interrupts"] == r["vmm_lapic"]["acks"] == r["kernel"]["irq_injections"]
+    # the M/2 IPIs sent with IF = 0 each wait for an interrupt window (a tick that falls due while a
+    # handler runs with IF = 0, e.g. when the host was slow to run the vCPU, waits for one too)
+    assert r["exits_by_kind"]["interrupt_window"] >= M // 2
+    assert r["kernel"]["irq_window_exits"] >= r["exits_by_kind"]["interrupt_window"]
+    assert r["injected_by_vmm"] == r["interrupts"] == r["vmm_lapic"]["acks"]
+    assert r["kernel"]["irq_injections"] >= r["interrupts"]  # the kernel counts a re-injection again
     if wait == "hlt":  # HLT without an in-kernel APIC is a userspace exit; each ends with a tick
         assert 0 < r["exits_by_kind"]["hlt"] <= t and r["exits_by_kind"]["hlt"] == r["kernel"]["halt_exits"]
     else:
@@ -60,7 +63,7 @@ def test_kvm_kernel_irqchip_keeps_interrupts_out_of_userspace(kvm_rows, wait: st
     r = kvm_rows[("kernel", wait)]
     assert r["ok"] and r["ticks"] in (N, N + 1) and r["ipis"] == M
     assert set(r["exits_by_kind"]) == {"io"} and r["userspace_exits_per_interrupt"] == 0
-    assert r["kernel"]["irq_injections"] == r["interrupts"] and r["kernel"]["mmio_exits"] == 0
+    assert r["kernel"]["irq_injections"] >= r["interrupts"] and r["kernel"]["mmio_exits"] == 0
     assert r["exits_per_interrupt"] < kvm_rows[("user", wait)]["exits_per_interrupt"]
 
 

@@ -86,7 +86,8 @@ def test_kvm_baseline_userspace_exits_and_features_in_kernel() -> None:
     assert base["apic"] == "user" and on["apic"] == "kernel"
     # baseline: each doorbell is a KVM_EXIT_IO, each handled tick one EOI write to the APIC page (MMIO)
     assert base["exits_by_kind"]["io"] == base["commands"] + 1
-    assert base["exits_by_kind"]["mmio"] >= base["ticks"]
+    # (the guest counts ticks until it masks the timer, a moment after the phase's end)
+    assert base["exits_by_kind"]["mmio"] >= base["ticks"] - 2
     # features: no doorbell exits and no APIC exits in userspace
     assert on["exits_by_kind"].get("io") == 1 and "mmio" not in on["exits_by_kind"]
     assert on["commands"] == base["commands"] == 6 * PARAMS["units"]
