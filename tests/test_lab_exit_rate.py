@@ -10,7 +10,7 @@ import pytest
 from hvm.engine import available_engines
 from hvm.lab import EXPERIMENTS, exit_rate
 
-PARAMS = {"intensities": [0, 3, 6], "units": 20, "work": 500, "sys": 1, "tick": 1_000_000, "poll_ms": 1.0}
+PARAMS = {"intensities": [0, 3, 6], "units": 20, "work": 200, "sys": 1, "tick": 4_000_000, "poll_ms": 1.0}
 
 
 def test_fit_matches_the_textbook_formulas() -> None:
