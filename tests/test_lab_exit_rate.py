@@ -93,3 +93,29 @@ def test_kvm_baseline_userspace_exits_and_features_in_kernel() -> None:
     assert on["commands"] == base["commands"] == 6 * PARAMS["units"]
     (cmp,) = exit_rate.compare(rows)
     assert cmp.engine == "kvm" and cmp.measured is not None
+
+
+def test_cli_sets_list_and_bool_parameters() -> None:
+    """`--set intensities=0,5` becomes [0, 5]; a boolean takes true/false; a bad value is one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hvm.cli import _params
+    from hvm.errors import HvmError
+
+    assert _params(["intensities=0,5", "units=7"], exit_rate.EXPERIMENT.defaults) == {
+        "intensities": [0, 5], "units": 7}
+    assert _params(["flag=false"], {"flag": True}) == {"flag": False}
+    with pytest.raises(HvmError, match="not a bool"):
+        _params(["flag=maybe"], {"flag": True})
+    with pytest.raises(HvmError, match="not a list"):
+        _params(["intensities=0,x"], exit_rate.EXPERIMENT.defaults)
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "hvm", "lab", "run", "exit-rate", "--engine", "model",
+         "--set", "intensities=0,5", "--set", "units=10", "--json", "-"],
+        capture_output=True, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert sorted({r["intensity"] for r in doc["rows"]}) == [0, 5] and doc["params"]["units"] == 10
