@@ -305,12 +305,7 @@ class ApicSupport:
 
     def _set_window_exiting(self, on: bool) -> None:
         """The hypervisor sets or clears "interrupt-window exiting" (SDM 25.6.2) for the coming entry."""
-        eng = self.engine
-        vmcs = eng.vmcs
-        proc = vmcs.peek(F.CPU_BASED_VM_EXEC_CONTROL)
-        proc = proc | ProcBased.INTERRUPT_WINDOW_EXITING if on else proc & ~ProcBased.INTERRUPT_WINDOW_EXITING
-        vmcs.vmwrite(F.CPU_BASED_VM_EXEC_CONTROL, proc)
-        eng._latch_controls()
+        self.engine.set_exiting_control(ProcBased.INTERRUPT_WINDOW_EXITING, on)
 
     def _deliver_virtual(self) -> None:
         vapic = self.vapic

@@ -120,7 +120,8 @@ from hvm.exits import Exit, ExitKind
 from hvm.kvm.api import KVM_MEM_LOG_DIRTY_PAGES
 from hvm.vmm.memory import GuestMemory, Region
 from hvm.vtx.bitmaps import IoBitmaps
-from hvm.vtx.controls import ProcBased2, check_vm_entry_controls
+from hvm.vtx.capabilities import MODEL_CAPS
+from hvm.vtx.controls import ProcBased, ProcBased2, check_vm_entry_controls
 from hvm.vtx.ept import (
     PAGE_2M,
     EptAccess,
@@ -554,6 +555,19 @@ class ModelEngine(Engine):
         self._forget_ept()
         self._flush_tlb()
         return None
+
+    def set_exiting_control(self, control: ProcBased, on: bool) -> None:
+        """The in-engine hypervisor sets or clears one primary exiting control (e.g. "interrupt-window
+        exiting") for its next re-entry: the field and the latched copy change together, and as no
+        other control or translation changed, nothing else is checked or flushed."""
+        if not MODEL_CAPS.true_procbased_ctls.allowed1 & control:
+            raise ValueError(f"{control!r} is not an allowed primary control")
+        proc = self.vmcs.peek(F.CPU_BASED_VM_EXEC_CONTROL)
+        proc = proc | control if on else proc & ~control
+        self.vmcs.store(F.CPU_BASED_VM_EXEC_CONTROL, proc)
+        latched = self.latched
+        latched.controls = replace(latched.controls, proc=ProcBased(proc))
+        latched.proc = proc
 
     def _entry_injection(self) -> None:
         """SDM 28.6: event injection from the VM-entry interruption-information field."""

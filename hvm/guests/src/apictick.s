@@ -421,11 +421,15 @@ wait_ipis:
         ret
 
 # Interrupt handlers (64-bit interrupt gates: IF is 0 inside). Frame: RIP, CS, RFLAGS, RSP, SS.
+# A tick already pending in the IRR when the N-th one masks the timer still arrives (masking
+# withdraws nothing, SDM 11.5.1): such late ticks are acknowledged but not counted.
 isr_timer:
         push    rax
         push    rbx
         mov     ebx, APIC_PHYS
         mov     eax, [rip + ticks]
+        cmp     eax, [rip + n_ticks]
+        jae     1f
         inc     eax
         mov     [rip + ticks], eax
         cmp     eax, [rip + n_ticks]
@@ -581,13 +585,6 @@ at_gdt_descriptor:
 at_idt_descriptor:
         .word 256 * 16 - 1
         .long idt, 0
-        .balign 4
-n_ticks:        .long 0
-n_ipis:         .long 0
-use_hlt:        .long 0
-ticks:          .long 0
-ipis:           .long 0
-spurious:       .long 0
 
         .bss
         .balign 4096
@@ -599,5 +596,14 @@ idt:    .skip 256 * 16
         .balign 16
 kstack: .skip 8192
 kstack_top:
+# Written while the guest runs: a page of their own, away from code (an engine that watches
+# code pages for writes, like the model engine, would otherwise rescan the code at every tick).
+        .balign 4096
+n_ticks:        .skip 4
+n_ipis:         .skip 4
+use_hlt:        .skip 4
+ticks:          .skip 4
+ipis:           .skip 4
+spurious:       .skip 4
 
         .text
