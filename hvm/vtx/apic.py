@@ -151,6 +151,7 @@ _X2APIC_READABLE = frozenset(
 _X2APIC_WRITABLE = frozenset([TPR, EOI, SVR, ESR, ICR_LOW, TIMER_ICR, TIMER_DCR, SELF_IPI, *_LVT_OFFSETS])
 
 _MASK32 = 0xFFFF_FFFF
+SENT_KEPT = 256
 
 
 class ApicGP(Exception):
@@ -198,9 +199,11 @@ class LocalApic:
             raise ValueError("the APIC register page is 4 KBytes")
         self.base = APIC_MMIO_BASE | APIC_BASE_EN | (APIC_BASE_BSP if bsp else 0)
         self.now = 0
+        #: IPIs not delivered here (other destinations, NMI/INIT/SIPI/SMI), the latest :data:`SENT_KEPT`;
+        #: ``stats["ipi_elsewhere"]`` counts them all.
         self.sent: list[Ipi] = []
         #: Counts of what happened, for experiments: timer expirations, IPIs delivered to self, EOIs.
-        self.stats = {"timer": 0, "self_ipi": 0, "eoi": 0, "coalesced": 0}
+        self.stats = {"timer": 0, "self_ipi": 0, "eoi": 0, "coalesced": 0, "ipi_elsewhere": 0}
         #: Where this APIC's own interrupt sources (timer, IPIs to itself, LVT error) send a vector:
         #: ``accept(vector, level) -> bool``, by default :meth:`set_irr`. A VMM that posts interrupts
         #: (SDM Vol. 3C 30.6) or injects them by another path replaces it.
@@ -224,6 +227,7 @@ class LocalApic:
         self._lvtt = LVT_MASKED
         self._initial = 0
         self._dcr = 0
+        self._periods = 0  # periods of a periodic count completed since _timer_start
         self._timer_start = 0  # bus-clock reference of the count-down timer (in TSC ticks)
         self._timer_armed = False
         self._tsc_deadline = 0
@@ -367,9 +371,9 @@ class LocalApic:
         # The earliest TSC delta whose bus-tick count reaches ``bus_ticks`` (ceil division).
         return -(-bus_ticks * self.tsc_hz // self.bus_hz)
 
-    def _period_tsc(self) -> int:
-        """TSC ticks for one full count of the initial count at the current divisor."""
-        return self._tsc_for_bus(self._initial * timer_divisor(self._dcr))
+    def _period_bus(self) -> int:
+        """Bus cycles in one full count of the initial count at the current divisor."""
+        return self._initial * timer_divisor(self._dcr)
 
     def current_count(self) -> int:
         """SDM 11.5.4: the current-count register, counting down from the initial count at bus/divisor."""
@@ -387,7 +391,9 @@ class LocalApic:
             return None
         if self._timer_mode() == TIMER_TSC_DEADLINE:
             return self._tsc_deadline
-        return self._timer_start + self._period_tsc()
+        # The earliest TSC value by which the bus clock completes the next period (exact in bus
+        # cycles: periods shorter than a TSC tick are not rounded up to one).
+        return self._timer_start + self._tsc_for_bus((self._periods + 1) * self._period_bus())
 
     def tick(self, now: int) -> int:
         """Advance time to ``now``; timer expirations up to then set the LVT timer vector in the IRR.
@@ -406,10 +412,10 @@ class LocalApic:
             self._timer_armed = False
             self._tsc_deadline = 0  # SDM 11.5.4.1: the MSR reads 0 after the timer fires
         elif mode == TIMER_PERIODIC:
-            period = self._period_tsc()
-            fired = (now - self._timer_start) // period
-            # SDM 11.5.4: the count reloads from the initial count; the next period keeps its phase.
-            self._timer_start += fired * period
+            # SDM 11.5.4: the count reloads from the initial count and keeps counting.
+            periods = self._bus_ticks(now - self._timer_start) // self._period_bus()
+            fired = periods - self._periods
+            self._periods = periods
         else:
             fired = 1
             self._timer_armed = False
@@ -449,7 +455,10 @@ class LocalApic:
         only_self = shorthand == SHORTHAND_SELF or (
             shorthand == SHORTHAND_NONE and to_self and destination not in (0xFF, 0xFFFF_FFFF))
         if not (only_self and handled):
+            self.stats["ipi_elsewhere"] += 1
             self.sent.append(Ipi(vector, mode, destination, shorthand, logical))
+            if len(self.sent) > SENT_KEPT:
+                del self.sent[0]  # a guest sending IPIs in a loop must not grow the VMM without bound
 
     def _matches(self, destination: int, logical: bool) -> bool:
         """Whether a destination names this APIC (SDM 11.6.2.1, 11.6.2.2; 11.12.9, 11.12.10)."""
@@ -529,6 +538,7 @@ class LocalApic:
             self._set(TIMER_ICR, value)
             self._initial = value
             self._timer_start = self.now
+            self._periods = 0
             self._timer_armed = value != 0
         elif offset == TIMER_DCR:
             # Keep the current count across a divisor change, continuing at the new rate.
@@ -537,6 +547,7 @@ class LocalApic:
                 self._dcr = value & _WRITABLE[TIMER_DCR]
                 consumed = self._initial - remaining
                 self._timer_start = self.now - self._tsc_for_bus(consumed * timer_divisor(value))
+                self._periods = 0
             else:
                 self._dcr = value & _WRITABLE[TIMER_DCR]
             self._set(TIMER_DCR, self._dcr)

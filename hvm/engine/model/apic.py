@@ -385,17 +385,23 @@ class ApicSupport:
         eng = self.engine
         lapic = self.lapic
         while not eng._closed:
-            deadline = lapic.next_deadline()
+            try:
+                deadline = lapic.next_deadline()
+                now = self._now()
+            except Exception:  # noqa: BLE001 - the engine closed under us
+                return
             if deadline is None:
                 self._rearm.wait(_POLL_CEILING)
                 self._rearm.clear()
                 continue
-            wait = (deadline - self._now()) / lapic.tsc_hz
+            wait = (deadline - now) / lapic.tsc_hz
             if wait > 0:
                 self._rearm.wait(min(max(wait, _POLL_FLOOR), _POLL_CEILING))
                 self._rearm.clear()
                 continue
-            if eng._running and not self._due:
+            if eng._running:
+                # Again every poll until the engine has taken the expiry: a stop that comes just
+                # before Unicorn starts the guest's run finds nothing to stop.
                 self._due = True
                 try:
                     eng.uc.emu_stop()

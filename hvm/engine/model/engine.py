@@ -363,7 +363,7 @@ class ModelEngine(Engine):
         return 0 if pending is None or self._read_data else pending.read_size
 
     def set_irq(self, line: int, level: bool) -> None:
-        # The model has no interrupt controller yet: the line is recorded, nothing is delivered.
+        # No PIC or I/O APIC in the model (its local APIC takes no IRQ lines): recorded, not delivered.
         self._irq_lines[line] = level
 
     def kick(self) -> None:
