@@ -337,9 +337,11 @@ def compare(rows: list[Row]) -> list[Comparison]:
                f"features {_fmt_fit(on)}. ")
         doorbell = _doorbell_slope(rows, engine)
         if doorbell is not None:
+            rest = base["lambda_io"] - doorbell
+            noise = " (below zero: within the fit's noise)" if rest < 0 else ""
             why += (f"Of the baseline's λ_io, {doorbell:.3g} exits per command are the doorbell's own "
-                    f"I/O exits and {base['lambda_io'] - doorbell:.3g} other exits (timer interrupts, host "
-                    "kicks) that the I/O's host time draws into the run. ")
+                    f"I/O exits and {rest:.3g} other exits{noise} (timer interrupts, host kicks) that the "
+                    "I/O's host time draws into the run. ")
         if engine == "model":
             why += ("Baseline: each port-I/O doorbell is an I/O-instruction exit; with the dirty-page "
                     "doorbell a command costs no exit, and the poll timer's host signals (host_kicks) are "
