@@ -113,3 +113,49 @@ def test_user_irqchip_timer_period_follows_the_initial_count() -> None:
     result, out, _ = boot("user", "units=1 work=10 io=0 sys=0 tick=2000000 halt=25")
     assert out["ticks"] >= 25
     assert result.wall_s >= 25 * 0.002 * 0.8  # ticks never come faster than the period
+
+
+GARBAGE = """
+        .intel_syntax noprefix
+        .code64
+        mov     rax, 0xFEE00000
+        mov     rcx, -1
+        xor     edx, edx
+1:      mov     [rax + rdx], ecx        # all ones into every register, in every width
+        mov     [rax + rdx], cl
+        mov     [rax + rdx], cx
+        mov     [rax + rdx], rcx        # at 0xFFC this one crosses into the next page
+        mov     ebx, [rax + rdx]
+        mov     bl, [rax + rdx]
+        add     edx, 4
+        cmp     edx, 0x1000
+        jne     1b
+        sti
+2:      hlt
+        jmp     2b
+"""
+
+
+def test_user_irqchip_survives_garbage_on_the_apic_page_and_a_hlt_forever(tmp_path) -> None:
+    """A guest that writes all ones everywhere on the APIC page, then halts with IF = 1 and no timer:
+    every access is served (the one byte range past the page is an unhandled MMIO access), the halted
+    vCPU sleeps in userspace and the run ends at its timeout."""
+    import subprocess
+
+    from hvm.boot import ImageFormat
+
+    src, obj, binary = tmp_path / "g.s", tmp_path / "g.o", tmp_path / "g.bin"
+    src.write_text(GARBAGE)
+    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["objcopy", "-O", "binary", str(obj), str(binary)], check=True)
+    m = Machine(MachineConfig(engine="kvm", mem_size=8 << 20, console=lambda b: None,
+                              engine_options={"irqchip": "user"}))
+    try:
+        m.load(binary.read_bytes(), fmt=ImageFormat.LONG)
+        result = m.run(timeout=0.5)
+        lapic = m.lapic.counters()
+    finally:
+        m.close()
+    assert result.reason == "timeout" and result.exits["hlt"] == 1
+    assert lapic["mmio_writes"] == 4 * 1024 and lapic["mmio_reads"] == 2 * 1024
+    assert result.unhandled == {"mmio": 1} and lapic["acks"] == 0
