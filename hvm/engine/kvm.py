@@ -202,7 +202,8 @@ class KvmEngine(Engine):
             vector = ctrl.ack()
             self.vcpu.interrupt(vector)
             self.irq_stats["injected"] += 1
-            # one vector at a time (api.rst: EEXIST while one is queued); ask again for the next
+            # KVM holds one queued external interrupt per entry (a second KVM_INTERRUPT before the
+            # entry would replace it): ask for a window to deliver the next one
             mm[_OFF_REQ_WINDOW] = 1 if ctrl.pending() is not None else 0
         else:
             mm[_OFF_REQ_WINDOW] = 1
