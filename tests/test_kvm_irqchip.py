@@ -15,7 +15,7 @@ import pytest
 from hvm.errors import EngineUnavailable
 from hvm.kvm import api as K
 from hvm.vmm.machine import Machine, MachineConfig
-from tests.conftest import needs_kvm
+from tests.conftest import QEMU, needs_kvm, needs_qemu
 
 pytestmark = needs_kvm
 SUMMARY = re.compile(rb"exitmix (.*)")
@@ -159,3 +159,37 @@ def test_user_irqchip_survives_garbage_on_the_apic_page_and_a_hlt_forever(tmp_pa
     assert result.reason == "timeout" and result.exits["hlt"] == 1
     assert lapic["mmio_writes"] == 4 * 1024 and lapic["mmio_reads"] == 2 * 1024
     assert result.unhandled == {"mmio": 1} and lapic["acks"] == 0
+
+
+# QEMU with its userspace local APIC (kernel-irqchip=off); its KVM paravirtual MSRs are switched off,
+# because without an in-kernel APIC this host's KVM refuses to set one of them and QEMU aborts.
+QEMU_PV_OFF = ",".join(f"-{f}" for f in (
+    "kvm-pv-eoi", "kvmclock", "kvm-asyncpf", "kvm-steal-time", "kvm-pv-unhalt", "kvm-pv-ipi",
+    "kvm-poll-control", "kvm-pv-sched-yield", "kvm-asyncpf-int", "kvmclock-stable-bit", "kvm-pv-tlb-flush"))
+
+
+@needs_qemu
+def test_apictick_prints_what_qemu_with_its_userspace_apic_prints() -> None:
+    """The peer: QEMU -machine kernel-irqchip=off runs the same guest with its own userspace APIC."""
+    import subprocess
+
+    from hvm import guests
+
+    image = guests.image_path("apictick")
+    append = "n=20 ipis=20 hlt"
+    proc = subprocess.run(
+        [QEMU, "-accel", "kvm", "-machine", "pc,kernel-irqchip=off",
+         "-cpu", f"host,-arch-capabilities,{QEMU_PV_OFF}", "-m", "32",
+         "-kernel", str(image), "-append", append,
+         "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-serial", "stdio", "-display", "none",
+         "-nodefaults", "-no-reboot"], capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    m = Machine(MachineConfig(engine="kvm", mem_size=32 << 20, console=lambda b: None,
+                              engine_options={"irqchip": "user"}))
+    try:
+        m.load(image, append=append)
+        result = m.run(timeout=60)
+    finally:
+        m.close()
+    assert proc.returncode == 1, proc.stderr[-300:]  # isa-debug-exit value 0
+    assert result.reason == OK and result.console == proc.stdout
+    assert b"ticks 20 ipis 20 spurious 0" in result.console
