@@ -41,6 +41,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _engine_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return key, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hvm", description="hvm: a hardware-assisted virtualization lab in Python"
@@ -70,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--guest", metavar="NAME", help="run a bundled guest by name instead of IMAGE")
     run.add_argument("--trace", action="store_true",
                      help="trap engine: print each trap step by step with its modelled cycles (stderr)")
+    run.add_argument("--engine-option", action="append", default=[], type=_engine_option,
+                     metavar="KEY=VALUE",
+                     help="engine-specific option (repeatable), e.g. apic=legacy|apicv on the model engine")
 
     lab = sub.add_parser("lab", help="the chapter's claims as experiments")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
@@ -130,7 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise HvmError("--trace shows the trap engine's traps: use it with --engine trap")
     machine = Machine(
         MachineConfig(
-            engine=args.engine, mem_size=args.mem, console=console, input_fd=0 if interactive else None
+            engine=args.engine, mem_size=args.mem, console=console, input_fd=0 if interactive else None,
+            engine_options=dict(args.engine_option),
         )
     )
     if args.trace:

@@ -11,16 +11,20 @@ ICR are trap-like APIC-write exits (30.4.3.2).
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
+from hvm.boot import ImageFormat
 from hvm.cpu import DescriptorTable
 from hvm.engine import create_engine
 from hvm.engine.model import ModelEngine
-from hvm.errors import EngineUnavailable
+from hvm.errors import EXIT_TIMEOUT, EngineUnavailable
 from hvm.exits import ExitKind
 from hvm.vmm.machine import Machine, MachineConfig
 from hvm.vmm.memory import GuestMemory
-from tests.test_model_engine_support import CODE, Tiny, entry_state, gate64, install_idt, needs_as
+from tests.conftest import QEMU, needs_kvm, needs_qemu
+from tests.test_model_engine_support import CODE, Tiny, assemble, entry_state, gate64, install_idt, needs_as
 
 N_TICKS, N_IPIS = 8, 6
 
@@ -181,3 +185,144 @@ def test_x2apic_msrs(mode):
         assert counts["exit_reason.MSR_WRITE"] == 5
     finally:
         tiny.close()
+
+
+# --- CR8, the TPR in 64-bit mode (SDM Vol. 3A 11.8.6; Vol. 3C 30.3) ---------------------------------
+
+CR8_SOURCE = """
+        mov ebx, 0xFEE00000
+        mov dword ptr [rbx + 0xF0], 0x1FF   # SVR: software enable
+        sti
+        mov eax, 5
+        mov cr8, rax                        # TPR = 0x50
+        mov rsi, cr8
+        mov r12d, [rbx + 0x80]              # the TPR as the APIC page shows it
+        mov dword ptr [rbx + 0x300], 0x40040    # self-IPI 0x40: class 4, held by TPR class 5
+        nop
+        mov r13, r9                         # 0: not delivered yet
+        xor eax, eax
+        mov cr8, rax                        # TPR = 0: now it is
+        nop
+        hlt
+ipi:
+        inc r9
+        mov dword ptr [rbx + 0xB0], 0
+        iretq
+"""
+
+
+@needs_as
+@pytest.mark.parametrize("mode", ["legacy", "apicv"])
+def test_cr8_is_the_tpr(mode):
+    tiny = Tiny(CR8_SOURCE, bits=64)
+    tiny.engine.close()
+    tiny.engine = ModelEngine(tiny.memory, apic=mode)
+    ipi = CODE + tiny.code.index(bytes.fromhex("49ffc1"))  # inc r9
+    base, limit = install_idt(tiny, {0x40: gate64(ipi)})
+    state = entry_state(64)
+    state.idt = DescriptorTable(base, limit)
+    tiny.engine.set_state(state)
+    try:
+        assert tiny.run(ExitKind.HLT)[-1].kind is ExitKind.HLT
+        regs = tiny.engine.get_state().regs
+        assert regs["rsi"] == 5  # MOV from CR8 reads TPR[7:4]
+        assert regs["r12"] == 0x50  # MOV to CR8 sets TPR[7:4], TPR[3:0] = 0
+        assert regs["r13"] == 0  # held while TPR class 5 >= vector class 4 (SDM 11.8.3.1)
+        assert regs["r9"] == 1  # let in by the second MOV to CR8
+        cr_exits = tiny.engine.counters().get("exit_reason.CR_ACCESS", 0)
+        # legacy: CR8-load/-store exiting; apicv: virtualized through VTPR, no exit
+        assert cr_exits == (3 if mode == "legacy" else 0)
+    finally:
+        tiny.close()
+
+
+# --- a misbehaving guest: an interrupt storm -------------------------------------------------------
+
+STORM_SOURCE = """
+        lea rax, [rip + handler]
+        lea rdi, [rip + idt]
+        mov [rdi + 0x20 * 16], ax
+        mov word ptr [rdi + 0x20 * 16 + 2], 0x18
+        mov word ptr [rdi + 0x20 * 16 + 4], 0x8E00
+        shr rax, 16
+        mov [rdi + 0x20 * 16 + 6], ax
+        lidt [rip + idtr]
+        mov ebx, 0xFEE00000
+        mov dword ptr [rbx + 0xF0], 0x1FF
+        mov dword ptr [rbx + 0x3E0], 0xB        # divide by 1
+        mov dword ptr [rbx + 0x320], 0x20020    # periodic, vector 0x20
+        mov dword ptr [rbx + 0x380], 1          # one bus cycle: 1 ns
+        sti
+1:      jmp 1b
+handler:
+        mov dword ptr [rbx + 0xB0], 0
+        iretq
+        .balign 16
+idtr:   .word 4095
+        .quad idt
+        .balign 16
+idt:    .fill 4096, 1, 0
+"""
+
+
+@needs_as
+@pytest.mark.parametrize("mode", ["legacy", "apicv"])
+def test_a_timer_storm_is_survived(mode):
+    # A 1-ns periodic timer: the guest never gets past its handler, the VMM still ends the run.
+    machine = Machine(MachineConfig(engine="model", mem_size=16 << 20, console=lambda b: None,
+                                    engine_options={"apic": mode}))
+    try:
+        machine.load(assemble(STORM_SOURCE, 64, 0x100000), ImageFormat.LONG)
+        result = machine.run(timeout=1)
+    finally:
+        machine.close()
+    assert (result.exit_status, result.reason) == (EXIT_TIMEOUT, "timeout")
+    assert result.engine_counters["apic.lapic_timer"] > 1000
+
+
+# --- the same guest on KVM's in-kernel irqchip and on QEMU -----------------------------------------
+
+
+@needs_kvm
+def test_apictick_on_kvm_prints_the_same(guest):
+    machine = Machine(MachineConfig(engine="kvm", mem_size=64 << 20, console=lambda b: None))
+    try:
+        machine.load(guest("apictick"), append=f"n={N_TICKS} ipis={N_IPIS}")
+        result = machine.run(timeout=60)
+    finally:
+        machine.close()
+    assert result.console.decode() == expected_console()
+    assert result.exit_status == 1
+
+
+@needs_kvm
+@needs_qemu
+def test_apictick_on_qemu_prints_the_same(guest):
+    proc = subprocess.run(
+        [QEMU, "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", "64",
+         "-kernel", str(guest("apictick")), "-append", f"n={N_TICKS} ipis={N_IPIS}",
+         "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+         "-serial", "stdio", "-display", "none", "-nodefaults", "-no-reboot"],
+        capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.stdout.decode().replace("\r", "").endswith(expected_console())
+    assert proc.returncode == 1
+
+
+def test_cli_engine_option():
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    hvm = [sys.executable, "-m", "hvm", "run", "--engine", "model", "--guest", "apictick",
+           "--append", f"n={N_TICKS} ipis={N_IPIS}"]
+    proc = subprocess.run([*hvm, "--engine-option", "apic=apicv", "--json", "-"], capture_output=True,
+                          cwd=root, timeout=120, stdin=subprocess.DEVNULL)
+    result = json.loads(proc.stdout)
+    assert result["console"] == expected_console()
+    assert result["engine_counters"]["exit_reason.APIC_WRITE"] == 7
+    bad = subprocess.run([*hvm, "--engine-option", "apic=x2"], capture_output=True, cwd=root, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    assert bad.returncode == 2
+    assert bad.stderr.decode().strip().splitlines() == [
+        "hvm: the model engine's apic option is one of off, legacy, apicv, not 'x2'"]

@@ -190,6 +190,14 @@ def test_x2apic_virtualization():
     v.deliver()
     assert v.wrmsr(0x80B, 0) and v.svi == 0
     assert not v.wrmsr(0x838, 5)  # not virtualized: the VMM's
+    # SDM 30.5: with APIC-register virtualization every RDMSR of 800H-8FFH reads the 8 bytes at
+    # offset (ECX & FFH) << 4, e.g. 830H: VICR_LO and the 4 bytes after it.
+    arv = vapic(ApicvControls(use_tpr_shadow=True, virtualize_x2apic_mode=True,
+                              apic_register_virtualization=True))
+    arv.page.vicr_lo, arv.page.vicr_hi = 0x4040, 0x0300_0000
+    assert arv.rdmsr(0x830) == 0x4040
+    arv.page.write32(0x394, 7)
+    assert arv.rdmsr(0x839) == 7 << 32
 
 
 def test_posted_interrupts():

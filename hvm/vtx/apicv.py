@@ -50,11 +50,6 @@ _ARV_WRITE = frozenset(
 )
 # 30.4.3.1: with "virtual-interrupt delivery" 1 (and APIC-register virtualization 0): TPR, EOI, ICR low.
 _VID_WRITE = frozenset([A.TPR, A.EOI, A.ICR_LOW])
-# 30.5: RDMSR of these x2APIC MSRs is virtualized with "APIC-register virtualization" 1.
-_ARV_X2APIC_READ = frozenset(
-    [0x802, 0x803, 0x808, 0x80A, 0x80D, 0x80F, *range(0x810, 0x828), 0x828, 0x82F, 0x830,
-     *range(0x832, 0x839), 0x83E]
-)
 # 30.4.3.2: bits of VICR_LO that must be 0 for self-IPI virtualization (reserved 31:20, 17:16, 13).
 _VICR_RESERVED = 0xFFF0_0000 | 0x3_0000 | 1 << 13
 
@@ -397,8 +392,9 @@ class VirtualApic:
         c = self.controls
         if not c.virtualize_x2apic_mode or not 0x800 <= msr <= 0x8FF:
             return None
-        if msr == 0x808 or (c.apic_register_virtualization and msr in _ARV_X2APIC_READ):
-            # 30.5: the 8 bytes at page offset (ECX & FFH) << 4.
+        if msr == 0x808 or c.apic_register_virtualization:
+            # 30.5: the 8 bytes at page offset (ECX & FFH) << 4 - with APIC-register virtualization for
+            # every ECX in 800H-8FFH (so 830H gives VICR_LO and the 4 bytes after it, not VICR_HI).
             return self.page.read((msr & 0xFF) << 4, 8)
         return None
 

@@ -34,7 +34,10 @@ whether the access is to the APIC-access page (the VMCS APIC-access address is
 a page of the model's own). Blocking by STI is tracked while an interrupt waits
 for its window; at other instruction boundaries an STI right before RIP (byte
 0xFB) is taken to block, which can only delay an injection by one instruction.
-Not connected: CR8 (MOV to/from CR8 do not reach the TPR), x2APIC
+CR8 is the TPR's other name in 64-bit mode (SDM Vol. 3A 11.8.6): ``legacy`` sets
+"CR8-load exiting" and "CR8-store exiting" (as KVM does without a TPR shadow)
+and emulates the control-register exits (28) on the LocalApic; ``apicv``
+virtualizes MOV to/from CR8 through VTPR (SDM 30.3). Not connected: x2APIC
 virtualization ("virtualize x2APIC mode": an x2APIC guest's MSR accesses exit
 and are emulated), level-triggered interrupts' EOI exits (no I/O APIC).
 """
@@ -51,7 +54,7 @@ from unicorn import UC_HOOK_CODE
 from unicorn import x86_const as R
 
 from hvm.engine.model.events import GP, Event
-from hvm.engine.model.instructions import VmExit
+from hvm.engine.model.instructions import VmExit, set_gpr
 from hvm.engine.model.vmcs import ExitInfo
 from hvm.exits import Exit
 from hvm.vtx.apic import MSR_APIC_BASE, MSR_TSC_DEADLINE, ApicGP, LocalApic
@@ -59,7 +62,7 @@ from hvm.vtx.apicv import ApicvControls, ApicvExit, PostedInterruptDescriptor, V
 from hvm.vtx.bitmaps import MsrBitmap
 from hvm.vtx.controls import ExitControls, PinBased, ProcBased, ProcBased2
 from hvm.vtx.exit_reasons import ExitReason
-from hvm.vtx.qualification import InterruptionInfo, InterruptionType
+from hvm.vtx.qualification import CrAccessType, CrQualification, InterruptionInfo, InterruptionType
 from hvm.vtx.vmcs import VmcsField
 
 if TYPE_CHECKING:
@@ -96,6 +99,10 @@ class ApicSupport:
         self._window = False  # the watch saw the window open
         self._intercept_msrs()
         self.vapic: VirtualApic | None = None
+        if mode == "legacy":
+            vmcs = engine.vmcs
+            vmcs.vmwrite(F.CPU_BASED_VM_EXEC_CONTROL, vmcs.vmread(F.CPU_BASED_VM_EXEC_CONTROL)
+                         | ProcBased.CR8_LOAD_EXITING | ProcBased.CR8_STORE_EXITING)
         self.pi: PostedInterruptDescriptor | None = None
         if mode == "apicv":
             self._enable_apicv()
@@ -233,6 +240,34 @@ class ApicSupport:
             complete(data)
         self._changed()
 
+    def claims_cr8(self, vmexit: VmExit) -> bool:
+        return vmexit.reason is ExitReason.CR_ACCESS and vmexit.info.qualification & 0xF == 8
+
+    def cr8_exit(self, vmexit: VmExit) -> None:
+        """MOV to/from CR8 exited (legacy): CR8[3:0] is TPR[7:4] (SDM Vol. 3A 11.8.6)."""
+        eng = self.engine
+        qual = CrQualification.decode(vmexit.info.qualification)
+        eng._record(replace(vmexit, exit=None), None)
+        eng._pending = None
+        rip = eng.uc.reg_read(R.UC_X86_REG_RIP)
+        if qual.access_type is CrAccessType.MOV_TO_CR:
+            value = eng.cpu.gpr(qual.gpr)
+            self.lapic.write(0x80, (value & 0xF) << 4, now=self._now())
+        else:
+            set_gpr(eng, qual.gpr, (self.lapic.read(0x80, now=self._now()) & 0xFF) >> 4, 8)
+        eng.uc.reg_write(R.UC_X86_REG_RIP, rip + vmexit.info.instruction_length)
+        self._changed()
+
+    def mov_to_cr8(self, value: int) -> None:
+        """SDM 30.3 with "use TPR shadow": VTPR from CR8, then TPR virtualization."""
+        assert self.vapic is not None
+        self.vapic.mov_to_cr8(value)
+        self.engine.vmcs.store(F.GUEST_INTR_STATUS, self.vapic.svi << 8 | self.vapic.rvi)
+
+    def mov_from_cr8(self) -> int:
+        assert self.vapic is not None
+        return self.vapic.mov_from_cr8()
+
     # --- posted interrupts (apicv) ----------------------------------------------------------
     def _post(self, vector: int, level: bool = False) -> bool:
         """The hypervisor posts an interrupt (SDM 30.6: PIR bit, then ON; a notification if ON was 0)."""
@@ -263,6 +298,7 @@ class ApicSupport:
             self._inject_legacy()
         else:
             self._deliver_virtual()
+        self._window = False  # what the watch saw holds for this boundary only
 
     def _interruptible(self) -> bool:
         """RFLAGS.IF = 1 and no blocking by STI (an STI right before RIP) - see the module docstring."""
@@ -322,7 +358,6 @@ class ApicSupport:
                 self._window = False
                 vector = vapic.deliver()  # SDM 30.2.2
                 self.engine._inject.append(Event(vector, InterruptionType.EXTERNAL_INTERRUPT))
-                self.engine._halted = False
                 self.stats["virtual_delivered"] += 1
             else:
                 self._watch()

@@ -754,9 +754,13 @@ class ModelEngine(Engine):
 
     def _vm_exit(self, vmexit: VmExit) -> Exit | None:
         """Record a VM exit; returns what run() reports, or None for an exit finished in-engine."""
-        if self.apic is not None and self.apic.claims_msr(vmexit):
-            self.apic.msr_exit(vmexit)  # the hypervisor's local APIC, as KVM's in-kernel one
-            return None
+        if self.apic is not None:
+            if self.apic.claims_msr(vmexit):
+                self.apic.msr_exit(vmexit)  # the hypervisor's local APIC, as KVM's in-kernel one
+                return None
+            if self.apic.claims_cr8(vmexit):
+                self.apic.cr8_exit(vmexit)
+                return None
         if vmexit.exit is None:
             self._record(vmexit, None)
             self._pending = vmexit

@@ -485,6 +485,11 @@ def _cr_exit(eng: ModelEngine, insn: Insn, rip: int, linear: int, qualification:
           complete=complete or _native_once(eng, linear))
 
 
+def _vapic(eng: ModelEngine) -> bool:
+    """Is there a virtual-APIC page the model keeps (the engine's apic="apicv")?"""
+    return eng.apic is not None and eng.apic.vapic is not None
+
+
 def _mov_to_cr(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip: int, cpl: int) -> None:
     uc = eng.uc
     value = gpr(eng, insn.reg) & ((1 << (8 * insn.reg_width)) - 1)
@@ -499,6 +504,11 @@ def _mov_to_cr(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip:
         exits = bool(latched.proc & ProcBased.CR8_LOAD_EXITING)
     else:
         return  # CR1, CR5-7: #UD from Unicorn
+    if cr == 8 and not exits and latched.proc & ProcBased.USE_TPR_SHADOW and _vapic(eng):
+        eng.apic.mov_to_cr8(value)  # SDM 30.3: into VTPR, then TPR virtualization
+        _emulated(eng, insn, rip)
+        eng.uc.emu_stop()  # a virtual interrupt it lets through is delivered at this boundary
+        return
     if exits:
         def complete(_: bytes) -> None:
             eng.write_cr(cr, value)  # the hypervisor performs the guest's write (and its shadow)
@@ -512,6 +522,10 @@ def _mov_from_cr(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, ri
     store_exiting = {3: ProcBased.CR3_STORE_EXITING, 8: ProcBased.CR8_STORE_EXITING}.get(cr, 0)
     if latched.proc & store_exiting:
         _cr_exit(eng, insn, rip, linear, CrQualification(cr, CrAccessType.MOV_FROM_CR, gpr=insn.reg))
+        return
+    if cr == 8 and latched.proc & ProcBased.USE_TPR_SHADOW and _vapic(eng):
+        set_gpr(eng, insn.reg, eng.apic.mov_from_cr8(), 8)  # SDM 30.3: VTPR[7:4]
+        _emulated(eng, insn, rip)
         return
     if cr in (0, 4):
         if cr == 0:
