@@ -353,10 +353,18 @@ def _params(pairs: list[str], defaults: dict) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or key not in defaults:
             raise HvmError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(defaults)}")
+        default = defaults[key]
         try:
-            out[key] = _list_param(value) if isinstance(defaults[key], list) else type(defaults[key])(value)
+            if isinstance(default, bool):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, list):
+                out[key] = _list_param(value)
+            else:
+                out[key] = type(default)(value)
         except ValueError:
-            raise HvmError(f"--set {pair!r}: {value!r} is not a {type(defaults[key]).__name__}") from None
+            raise HvmError(f"--set {pair!r}: {value!r} is not a {type(default).__name__}") from None
     return out
 
 

@@ -87,7 +87,8 @@ def test_registered():
         src / "iobench.ld",
     ]
     # The assembly-only guests are built as before: no C sources.
-    assert all(name not in guests.C_SOURCES for name in GUESTS if name not in ("iobench", "ctxsw"))
+    assert all(name not in guests.C_SOURCES for name in GUESTS if name not in ("iobench", "ctxsw", "exitmix"))
+    assert guests.C_SOURCES["exitmix"] == ("exitmix.c",)
 
 
 def test_multiboot_image(image):

@@ -10,14 +10,36 @@ what an engine cannot do it states in ``capabilities()``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Protocol
 
 from hvm.cpu import CpuState
 from hvm.exits import Exit
 from hvm.vmm.memory import GuestMemory, Region
 
 
+class InterruptController(Protocol):
+    """A local interrupt controller the VMM runs in userspace (e.g. hvm.devices.lapic.LapicDevice).
+
+    The engine asks it before each entry: ``tick()`` brings its timers up to the host clock,
+    ``pending()`` is the vector it wants delivered (None if none), ``ack()`` is the processor's
+    interrupt acknowledge (IRR -> ISR) when the engine injects, ``seconds_to_next()`` how long a
+    halted vCPU may sleep before the next timer event (None: no timer armed).
+    """
+
+    def tick(self) -> None: ...
+
+    def pending(self) -> int | None: ...
+
+    def ack(self) -> int: ...
+
+    def seconds_to_next(self) -> float | None: ...
+
+
 class Engine(ABC):
     name: str
+    #: True when the engine has no interrupt controller of its own and wants the VMM's
+    #: (see :meth:`attach_interrupt_controller`); the Machine then puts a local APIC on its MMIO bus.
+    userspace_lapic: bool = False
 
     @abstractmethod
     def __init__(self, memory: GuestMemory) -> None: ...
@@ -65,6 +87,10 @@ class Engine(ABC):
     def drain_coalesced(self) -> list[tuple[int, bytes]]:
         """Buffered (address, data) writes, oldest first; empty if none."""
         return []
+
+    def attach_interrupt_controller(self, controller: InterruptController) -> None:
+        """Deliver ``controller``'s interrupts to the guest (only when ``userspace_lapic``)."""
+        raise NotImplementedError(f"the {self.name} engine has its own interrupt controller")
 
     def tsc_hz(self) -> float | None:
         """The guest's time-stamp-counter frequency, if the engine knows it."""

@@ -1,8 +1,22 @@
 """The KVM engine: guest code runs on the host CPU through /dev/kvm.
 
-The in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT are created as QEMU does by
-default, so HLT, timer and interrupt exits stay in the kernel; the exits that
-reach userspace are turned into :class:`hvm.exits.Exit` records here. The
+``irqchip="kernel"`` (the default): the in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT are
+created as QEMU does by default, so HLT, timer and interrupt exits stay in the kernel.
+
+``irqchip="user"``: no in-kernel irqchip (no KVM_CREATE_IRQCHIP, no PIT), as QEMU with
+``kernel-irqchip=off``. The guest's local-APIC page then is unbacked guest-physical memory, so
+every access is a KVM_EXIT_MMIO that the VMM serves (the Machine puts a local APIC on its MMIO
+bus and hands it to :meth:`KvmEngine.attach_interrupt_controller`); HLT is a KVM_EXIT_HLT in
+userspace. Before each KVM_RUN the engine asks that controller for a pending vector and injects
+it with KVM_INTERRUPT when the last exit said ``ready_for_interrupt_injection`` with ``if_flag``
+set; otherwise it sets ``request_interrupt_window`` and KVM returns with
+KVM_EXIT_IRQ_WINDOW_OPEN as soon as the guest can take it (Documentation/virt/kvm/api.rst,
+"KVM_INTERRUPT", "kvm_run"). A halted vCPU sleeps in userspace until an interrupt is pending.
+CPUID hides x2APIC and the TSC-deadline timer in this mode: the VMM's APIC is reached through
+its MMIO page only. ISA interrupt lines (``set_irq``) have no PIC or IOAPIC to reach and are
+counted in ``counters()["isa_irqs_dropped"]``.
+
+The exits that reach userspace are turned into :class:`hvm.exits.Exit` records here. The
 kernel's own exit counters come from the vCPU's binary statistics fd.
 """
 
@@ -11,9 +25,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
+import time
 
 from hvm.cpu import CpuState, DescriptorTable, Segment
-from hvm.engine.base import Engine
+from hvm.engine.base import Engine, InterruptController
 from hvm.errors import EngineUnavailable
 from hvm.exits import Exit, ExitKind
 from hvm.kvm import api as K
@@ -35,6 +50,15 @@ _RING_HEAD = struct.Struct("<II")  # first, last
 _RING_ENTRY = struct.Struct("<QII8s")  # struct kvm_coalesced_mmio: phys_addr, len, pio, data
 # KVM_COALESCED_MMIO_MAX: entries that fit in the ring page after its header
 _RING_MAX = (PAGE_SIZE - _RING_HEAD.size) // _RING_ENTRY.size
+
+IRQCHIPS = ("kernel", "user")
+CPUID_1_ECX_X2APIC = 1 << 21  # CPUID.01H:ECX[21] (SDM Vol. 2A, CPUID)
+CPUID_1_ECX_TSC_DEADLINE = 1 << 24  # CPUID.01H:ECX[24]
+HALT_SLEEP_MAX_S = 0.0005  # a halted vCPU (userspace irqchip) re-checks its controller at least this often
+# kvm_run byte offsets of the interrupt-injection fields (<linux/kvm.h> struct kvm_run)
+_OFF_REQ_WINDOW = S.kvm_run.request_interrupt_window.offset
+_OFF_READY = S.kvm_run.ready_for_interrupt_injection.offset
+_OFF_IF = S.kvm_run.if_flag.offset
 
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 _SEG_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
@@ -68,8 +92,15 @@ def kvm_usable(path: str = "/dev/kvm") -> bool:
 class KvmEngine(Engine):
     name = "kvm"
 
-    def __init__(self, memory: GuestMemory, path: str = "/dev/kvm") -> None:
+    def __init__(self, memory: GuestMemory, path: str = "/dev/kvm", irqchip: str = "kernel") -> None:
+        if irqchip not in IRQCHIPS:
+            raise EngineUnavailable(f"unknown irqchip {irqchip!r} for the kvm engine (choose: kernel, user)")
         self.memory = memory
+        self.irqchip = irqchip
+        self.userspace_lapic = irqchip == "user"
+        self._controller: InterruptController | None = None
+        self._halted = False
+        self.irq_stats = {"injected": 0, "window_requests": 0, "halt_sleeps": 0, "isa_irqs_dropped": 0}
         self.system = open_system(path)
         try:
             self.vm = self.system.create_vm()
@@ -78,14 +109,20 @@ class KvmEngine(Engine):
             except K.KvmError as exc:  # not needed (and refused) on some hosts, e.g. PVM
                 if exc.errno not in (errno.EINVAL, errno.ENOTTY, errno.EOPNOTSUPP):
                     raise
-            self.vm.create_irqchip()
-            self.vm.create_pit2()
+            if irqchip == "kernel":
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
             for region in memory.regions:
                 self.vm.set_user_memory_region(
                     K.MemorySlot(region.slot, region.gpa, region.size, region.host_addr, region.flags)
                 )
             self.vcpu = self.vm.create_vcpu(0)
-            self.vcpu.set_cpuid2(self.system.supported_cpuid())
+            cpuid = self.system.supported_cpuid()
+            if irqchip == "user":
+                for entry in list(cpuid.entries)[: cpuid.nent]:
+                    if entry.function == 1:
+                        entry.ecx &= ~(CPUID_1_ECX_X2APIC | CPUID_1_ECX_TSC_DEADLINE)
+            self.vcpu.set_cpuid2(cpuid)
         except K.KvmError as exc:
             self.close()
             raise EngineUnavailable(f"KVM refused to set up the VM: {exc}") from None
@@ -136,8 +173,50 @@ class KvmEngine(Engine):
         state.cr0, state.cr3, state.cr4, state.efer = sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer
         return state
 
+    # --- interrupts (irqchip="user") ----------------------------------------------------
+    def attach_interrupt_controller(self, controller: InterruptController) -> None:
+        if not self.userspace_lapic:
+            raise NotImplementedError("the kvm engine with irqchip='kernel' has the kernel's local APIC")
+        self._controller = controller
+
+    def _before_entry(self, ctrl: InterruptController) -> Exit | None:
+        """Inject what the controller has pending, or ask KVM for an interrupt window; sleep while halted."""
+        mm = self.mm
+        ctrl.tick()
+        if self._halted:
+            # HLT with IF set (the Machine stops the run on HLT with IF clear): the vCPU sleeps until
+            # its controller has an interrupt; a kick (timer signal, timeout) ends the sleep.
+            while ctrl.pending() is None:
+                if mm[1]:
+                    mm[1] = 0
+                    return Exit(ExitKind.INTR)
+                wait = ctrl.seconds_to_next()
+                self.irq_stats["halt_sleeps"] += 1
+                time.sleep(HALT_SLEEP_MAX_S if wait is None else min(max(wait, 0.0), HALT_SLEEP_MAX_S))
+                ctrl.tick()
+            self._halted = False
+        if ctrl.pending() is None:
+            mm[_OFF_REQ_WINDOW] = 0
+            return None
+        if mm[_OFF_READY] and mm[_OFF_IF]:
+            vector = ctrl.ack()
+            self.vcpu.interrupt(vector)
+            self.irq_stats["injected"] += 1
+            # KVM holds one queued external interrupt per entry (a second KVM_INTERRUPT before the
+            # entry would replace it): ask for a window to deliver the next one
+            mm[_OFF_REQ_WINDOW] = 1 if ctrl.pending() is not None else 0
+        else:
+            mm[_OFF_REQ_WINDOW] = 1
+            self.irq_stats["window_requests"] += 1
+        return None
+
     # --- running ----------------------------------------------------------------------
     def run(self) -> Exit:
+        ctrl = self._controller
+        if ctrl is not None:
+            early = self._before_entry(ctrl)
+            if early is not None:
+                return early
         reason = self.vcpu.run()
         mm = self.mm
         if reason == K.KVM_EXIT_IO:
@@ -168,6 +247,7 @@ class KvmEngine(Engine):
             self.mm[1] = 0  # kvm_run.immediate_exit: consumed; a later kick() sets it again
             return Exit(ExitKind.INTR)
         if reason == K.KVM_EXIT_HLT:
+            self._halted = self._controller is not None
             return Exit(ExitKind.HLT)
         if reason == K.KVM_EXIT_SHUTDOWN:
             return Exit(ExitKind.SHUTDOWN, detail="triple fault")
@@ -291,6 +371,9 @@ class KvmEngine(Engine):
         return True
 
     def set_irq(self, line: int, level: bool) -> None:
+        if self.irqchip == "user":
+            self.irq_stats["isa_irqs_dropped"] += 1  # no PIC or IOAPIC: the line reaches nothing
+            return
         self.vm.irq_line(line, int(level))
 
     def kick(self) -> None:
@@ -311,6 +394,8 @@ class KvmEngine(Engine):
             out.update(self.stats.read())
         if self.vm_stats:
             out.update(self.vm_stats.read())
+        if self.irqchip == "user":
+            out.update({f"user_irqchip.{k}": v for k, v in self.irq_stats.items()})
         return out
 
     def close(self) -> None:

@@ -115,6 +115,9 @@ GUESTS: dict[str, str] = {
     "ctxsw": "the context-switch experiment: p processes (own page tables, same linear addresses), "
     "n CR3 switches, k pages touched per slice (p=P n=N k=K, default 4 1000 8), then one 'ctxsw ...' "
     "line; 'check': accessed/dirty flags, remap + INVLPG, #PF error codes, CR0.WP; C, see src/ctxsw.c",
+    "exitmix": "the exit-rate experiment's mixed workload at ring 0: units of CPU work, IA32_TSC_AUX "
+    "'system calls', command-device I/O at a chosen intensity (design=pio|mmio|dirty io=K per unit), "
+    "self-IPIs and a periodic local APIC timer; one 'exitmix ...' summary line; C, see src/exitmix.c",
     "apictick": "the apicv experiment's guest: xAPIC at 0xFEE00000 in long mode; a TPR check, M self-IPIs "
     "(ipis=M, default 50) and N periodic 1-ms APIC timer ticks (n=N, default 50; waits with PAUSE, or "
     "HLT with 'hlt'), an EOI each; then 'apictick: ticks N ipis M spurious 0'",
@@ -138,6 +141,7 @@ GUEST_FORMAT: dict[str, str] = {
     "pwalk64": "flat64",
     "pwalk32": "flat32",
     "ctxsw": "multiboot",
+    "exitmix": "multiboot",
     "apictick": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16``, ``flat32`` or ``flat64``."""
@@ -145,7 +149,8 @@ GUEST_FORMAT: dict[str, str] = {
 DEFAULT_N: dict[str, int] = {"outloop": 1000, "spin": 1_000_000}
 """Value of ``n`` when the command line has no ``n=NUMBER``."""
 
-C_SOURCES: dict[str, tuple[str, ...]] = {"iobench": ("iobench.c",), "ctxsw": ("ctxsw.c",)}
+C_SOURCES: dict[str, tuple[str, ...]] = {
+    "iobench": ("iobench.c",), "ctxsw": ("ctxsw.c",), "exitmix": ("exitmix.c",)}
 """Guest name -> freestanding C files in ``src/``.
 
 Such a guest is a multiboot image whose body is 64-bit: ``NAME.s`` includes

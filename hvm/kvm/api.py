@@ -44,6 +44,7 @@ KVM_SET_REGS = _IOW(KVMIO, 0x82, S.kvm_regs)
 KVM_GET_SREGS = _IOR(KVMIO, 0x83, S.kvm_sregs)
 KVM_SET_SREGS = _IOW(KVMIO, 0x84, S.kvm_sregs)
 KVM_TRANSLATE = _IOWR(KVMIO, 0x85, S.kvm_translation)
+KVM_INTERRUPT = _IOW(KVMIO, 0x86, S.kvm_interrupt)
 KVM_GET_MSRS = _IOWR(KVMIO, 0x88, S.kvm_msrs)
 KVM_SET_MSRS = _IOW(KVMIO, 0x89, S.kvm_msrs)
 KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, S.kvm_cpuid2)
@@ -320,6 +321,13 @@ class Vcpu(_Fd):
                 return KVM_EXIT_INTR
             raise KvmError(exc.errno, f"KVM_RUN: {os.strerror(exc.errno)}") from None
         return self.run_struct.exit_reason
+
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT: queue external interrupt ``vector`` for the next entry (userspace irqchip only).
+
+        api.rst: EEXIST if one is already queued, ENXIO with an in-kernel PIC, EINVAL for a vector > 255.
+        """
+        _ioctl(self.fd, KVM_INTERRUPT, S.kvm_interrupt(vector), "KVM_INTERRUPT")
 
     def get_regs(self) -> S.kvm_regs:
         regs = S.kvm_regs()

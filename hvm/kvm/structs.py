@@ -148,6 +148,12 @@ class kvm_irq_level(ctypes.Structure):
     _fields_ = [("irq", u32), ("level", u32)]
 
 
+class kvm_interrupt(ctypes.Structure):
+    """KVM_INTERRUPT: the vector to inject (no in-kernel irqchip)."""
+
+    _fields_ = [("irq", u32)]
+
+
 class kvm_pit_config(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 

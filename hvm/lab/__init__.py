@@ -12,10 +12,22 @@ from hvm.lab.base import Experiment, Progress, Row, no_progress
 
 
 def _registry() -> dict[str, Experiment]:
-    from hvm.lab import context_switch, io_exits, msr_bitmap, page_walk, popek_goldberg, trap_emulate, tsc
+    from hvm.lab import (
+        apicv,
+        context_switch,
+        exit_rate,
+        io_exits,
+        msr_bitmap,
+        page_walk,
+        popek_goldberg,
+        trap_emulate,
+        tsc,
+    )
 
     return {e.name: e for e in (
+        apicv.EXPERIMENT,
         context_switch.EXPERIMENT,
+        exit_rate.EXPERIMENT,
         io_exits.EXPERIMENT,
         msr_bitmap.EXPERIMENT,
         page_walk.EXPERIMENT,

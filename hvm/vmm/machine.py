@@ -79,8 +79,18 @@ class Machine:
         self.pio.register(COM1_PORT, 8, self.uart)
         self.pio.register(DEFAULT_PORT, DEFAULT_SIZE, DebugExit())
         self.pio.register(0x80, 1, Port80())
+        #: The VMM's local APIC, when the engine has none of its own (KVM with irqchip="user").
+        self.lapic = None
+        if self.engine.userspace_lapic:
+            from hvm.devices.lapic import LapicDevice
+
+            self.lapic = LapicDevice()
+            self.mmio.register(self.lapic.base, self.lapic.size, self.lapic)
+            self.engine.attach_interrupt_controller(self.lapic)
         self._lock = threading.Lock()
         self._pollers: list[_Poller] = []
+        if self.lapic is not None:
+            self._pollers.append(_Poller(self.lapic.poll_interval_s, self.lapic.tick))
         self._deadline: float | None = None
         self._coalesced = False
         self.coalesced_writes = 0  # guest writes buffered by the engine, delivered without an exit
