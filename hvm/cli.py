@@ -360,7 +360,12 @@ def _params(pairs: list[str], defaults: dict) -> dict:
                     raise ValueError(value)
                 out[key] = value.lower() in ("1", "true", "yes", "on")
             elif isinstance(default, list):
-                out[key] = _list_param(value)
+                items = _list_param(value)
+                kinds = {type(v) for v in default}
+                if len(kinds) == 1 and kinds <= {int, float}:  # typed like the default's numbers
+                    kind = kinds.pop()
+                    items = [kind(v) for v in items]
+                out[key] = items
             else:
                 out[key] = type(default)(value)
         except ValueError:
