@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -254,42 +253,7 @@ def test_cost_model_adds_handling_per_kind() -> None:
 
 # --- speed: the model keeps raw Unicorn's speed on a CPU-bound loop ---------------------------
 
-def _raw_unicorn_seconds(image: Path, n: int) -> float:
-    """The spin guest on bare Unicorn, set up as DESIGN.md measured it (UC_MODE_32, IN/OUT hooked)."""
-    from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_32, UC_PROT_ALL, Uc
-    from unicorn import x86_const as R
-
-    from hvm.boot import multiboot
-
-    memory = GuestMemory(64 << 20)
-    try:
-        state = multiboot.load(memory, image.read_bytes(), f"spin n={n}".encode())
-        uc = Uc(UC_ARCH_X86, UC_MODE_32)
-        uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.regions[0].host_addr)
-        uc.reg_write(R.UC_X86_REG_GDTR, (0, state.gdt.base, state.gdt.limit, 0))
-        uc.reg_write(R.UC_X86_REG_CR0, state.cr0)
-        for reg, selector in ((R.UC_X86_REG_CS, 8), (R.UC_X86_REG_DS, 0x10), (R.UC_X86_REG_ES, 0x10),
-                              (R.UC_X86_REG_SS, 0x10), (R.UC_X86_REG_FS, 0x10), (R.UC_X86_REG_GS, 0x10)):
-            uc.reg_write(reg, selector)
-        uc.reg_write(R.UC_X86_REG_EAX, state.regs["rax"])
-        uc.reg_write(R.UC_X86_REG_EBX, state.regs["rbx"])
-
-        def port_in(uc, port, size, _):
-            return 0x20 if port == 0x3FD else 0xFF  # LSR: transmitter empty
-
-        def port_out(uc, port, size, value, _):
-            if port == 0xF4:
-                uc.emu_stop()
-        uc.hook_add(UC_HOOK_INSN, port_in, None, 1, 0, R.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, port_out, None, 1, 0, R.UC_X86_INS_OUT)
-        start = time.perf_counter()
-        uc.emu_start(state.rip, 0)
-        return time.perf_counter() - start
-    finally:
-        memory.close()
-
-
-def _model_seconds(image: Path, n: int) -> float:
+def _spin_counters(image: Path, n: int) -> dict[str, int]:
     machine = Machine(MachineConfig(engine="model", mem_size=64 << 20, console=lambda b: None))
     try:
         machine.load(image, append=f"n={n}")
@@ -297,15 +261,15 @@ def _model_seconds(image: Path, n: int) -> float:
     finally:
         machine.close()
     assert result.console.endswith(b"spin done\n")
-    return result.wall_s
+    return result.engine_counters
 
 
-def test_spin_keeps_raw_unicorn_speed(guest) -> None:
+def test_spin_loop_runs_without_python(guest) -> None:
+    """The CPU-bound loop never calls back into Python: no exit, TLB fill, scan or hook grows with
+    the iteration count. (How fast that makes it beside raw Unicorn and QEMU TCG is measured side by
+    side by benchmarks/model_speed.py, not by a timed test.)"""
     image = Path(guest("spin"))
-    n = 60_000_000  # five instructions each: some 0.1 s of guest code
-    raw = min(_raw_unicorn_seconds(image, n) for _ in range(3))
-    model = min(_model_seconds(image, n) for _ in range(3))  # boot, prints, scans and exits included
-    assert raw / model >= 0.8, f"model {model:.3f} s vs raw Unicorn {raw:.3f} s"
+    assert _spin_counters(image, 1_000) == _spin_counters(image, 3_000_000)
 
 
 # --- accesses that cross a page boundary into MMIO ----------------------------------------------
