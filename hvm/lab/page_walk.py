@@ -436,6 +436,14 @@ def compare(rows: list[Row]) -> list[Comparison]:
     return out
 
 
+def _size(size: int) -> str:
+    """4K, 2M, 4M, 1G."""
+    for unit, shift in (("G", 30), ("M", 20)):
+        if size >= 1 << shift:
+            return f"{size >> shift}{unit}"
+    return f"{size >> 10}K"
+
+
 def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -447,8 +455,8 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     model = [r for r in rows if r["engine"] == "model" and not r["caches"] and r["measured_refs_per_miss"]]
     if not model:
         return []
-    labels = [f"{r['guest']} {r['page_size'] >> 10}K {r['mode']}"
-              + (f" {r['ept_levels']}L/{r['ept_page_size'] >> 10}K" if r["ept_levels"] else "")
+    labels = [f"{r['guest']} {_size(r['page_size'])} {r['mode']}"
+              + (f" {r['ept_levels']}L/{_size(r['ept_page_size'])}" if r["ept_levels"] else "")
               for r in model]
     colors = {"native": "#228833", "ept": "#4477aa", "shadow": "#cc6677"}
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.22 * len(model) + 2), sharey=True)
