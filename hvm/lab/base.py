@@ -53,3 +53,14 @@ class Experiment:
     plot: Callable[[list[Row], Path], list[Path]]
     defaults: dict[str, Any] = field(default_factory=dict)
     quick: dict[str, Any] = field(default_factory=dict)  # smaller parameters for `--quick` and CI
+
+
+def save_figure(fig: Any, out_dir: Path, name: str) -> Path:
+    """Lay out, write ``out_dir/name`` (PNG) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = out_dir / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

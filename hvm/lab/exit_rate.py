@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from hvm.devices.cmddev import DIRTY_GPA, DIRTY_PAGES, PIO_BASE, REG_SPAN, CommandDevice
-from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row
+from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row, save_figure
 from hvm.lab.msr_bitmap import MSR_TSC_AUX
 
 SECTION = "原理与机制 › 微调的艺术"
@@ -387,11 +387,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
         ax.set_xlabel("I/O intensity x (commands per unit of work)")
         ax.set_ylabel("VM exits per unit of work (λ)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "exit-rate-fit.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir, "exit-rate-fit.png")]
 
 
 EXPERIMENT = Experiment(

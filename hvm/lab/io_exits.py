@@ -26,7 +26,7 @@ from hvm.devices.cmddev import (
     CommandDevice,
 )
 from hvm.exits import ExitKind
-from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row
+from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row, save_figure
 
 SECTION = "原理与机制 › 攻克内存和 I/O › I/O 瓶颈"
 FIGURES = [
@@ -265,11 +265,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
             ax.set_title(f"{engine} engine (R={sub[0]['r']:,}, W={sub[0]['w']:,})")
             ax.set_ylabel(label)
             ax.tick_params(axis="x", labelsize=8)
-        fig.tight_layout()
-        path = out_dir / fname
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir, fname))
     return paths
 
 

@@ -31,7 +31,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row
+from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row, save_figure
 
 MSR_TSC_AUX = 0xC000_0103
 SDM_EXIT_WRMSR = 32  # SDM Vol. 3C Appendix C: basic exit reason 32, WRMSR
@@ -287,11 +287,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     ax.set_xlabel("WRMSR exits for N system calls (model: VM exits; KVM: userspace exits)")
     ax.set_title("Trap every MSR write vs let IA32_TSC_AUX through")
     ax.tick_params(axis="y", labelsize=8)
-    fig.tight_layout()
-    path = out_dir / "msr-bitmap-exits.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir, "msr-bitmap-exits.png")]
 
 
 EXPERIMENT = Experiment(

@@ -51,7 +51,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row
+from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row, save_figure
 from hvm.vtx.paging import PAGE_1G, PAGE_2M, PAGE_4K, PAGE_4M, PagingMode
 from hvm.vtx.walk import ept_levels_walked, guest_levels_walked, memory_levels, worst_case_refs
 
@@ -472,11 +472,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     cost = CostModel()
     b.set_xlabel(f"modelled cycles (walk refs x {cost.walk_ref} + VM exits x {cost.transition:,})")
     fig.suptitle("Page walks: native vs EPT vs shadow (model engine, detailed TLB)")
-    fig.tight_layout()
-    path = out_dir / "page-walk.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir, "page-walk.png")]
 
 
 EXPERIMENT = Experiment(

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row
+from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row, save_figure
 
 SECTION = "原理与机制 › 经典构想及其缺陷"
 FIGURES = [
@@ -796,11 +796,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
         f"VT-x {v['vtx']}  (✗: still unprivileged with UMIP)",
         fontsize=9,
     )
-    fig.tight_layout()
-    path = out_dir / "popek-goldberg.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir, "popek-goldberg.png")]
 
 
 EXPERIMENT = Experiment(

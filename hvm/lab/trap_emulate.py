@@ -26,7 +26,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row
+from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row, save_figure
 
 SECTION = "原理与机制 › 经典构想及其缺陷"
 FIGURES = [
@@ -219,11 +219,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     for ax in axes:
         ax.tick_params(labelsize=8)
     fig.suptitle("trapkern on three engines", fontsize=10)
-    fig.tight_layout()
-    path = out_dir / "trap-and-emulate.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths = [path]
+    paths = [save_figure(fig, out_dir, "trap-and-emulate.png")]
     trap = next((r for r in kernel if r["engine"] == "trap"), None)
     if trap and trap["by_kind"]:
         fig, ax = plt.subplots(figsize=(10, 3.6))
@@ -232,11 +228,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.set_title("trap engine: traps by instruction (trapkern)")
         ax.tick_params(axis="x", rotation=60, labelsize=7)
-        fig.tight_layout()
-        path = out_dir / "trap-and-emulate-kinds.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir, "trap-and-emulate-kinds.png"))
     return paths
 
 

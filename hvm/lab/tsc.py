@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row
+from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row, save_figure
 from hvm.vtx.tsc import TSC_MULTIPLIER_ONE, TscLevel, compose
 
 SECTION = "原理与机制 › 微调的艺术"
@@ -372,11 +372,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     ax.set_xlabel("guest TSC − formula (cycles, first read)")
     ax.set_title("Guest-visible TSC vs ((host × mult) >> 48) + offset")
     ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    path = out_dir / "tsc-formula.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir, "tsc-formula.png")]
 
 
 EXPERIMENT = Experiment(
