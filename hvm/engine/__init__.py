@@ -85,7 +85,8 @@ def parse_engine_options(name: str, pairs: list[str]) -> dict[str, Any]:
         try:
             out[key] = (value.lower() in ("1", "on", "yes", "true")) if kind is bool else kind(value)
         except ValueError:
-            raise EngineUnavailable(f"--engine-option {pair!r}: {value!r} is not a {kind.__name__}") from None
+            why = f"{value!r} is not of type {kind.__name__}"
+            raise EngineUnavailable(f"--engine-option {pair!r}: {why}") from None
     return out
 
 
