@@ -83,6 +83,8 @@ def parse_engine_options(name: str, pairs: list[str]) -> dict[str, Any]:
         default = accepted[key]
         kind = type(default) if isinstance(default, (bool, int, float)) else str  # None: a str option
         try:
+            if kind is bool and value.lower() not in ("1", "0", "on", "off", "yes", "no", "true", "false"):
+                raise ValueError(value)
             out[key] = (value.lower() in ("1", "on", "yes", "true")) if kind is bool else kind(value)
         except ValueError:
             why = f"{value!r} is not of type {kind.__name__}"
