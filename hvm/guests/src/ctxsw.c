@@ -355,37 +355,40 @@ static u32 leading_digits(const char *s) /* the decimal number at s, 0 if none; 
     return v;
 }
 
+static struct {
+    u32 p, n, k, x, ring, check;
+} arg = {4, 1000, 8, 1, 0, 0};
+
+static int take_word(const char *s) /* unknown words are ignored; values are checked later */
+{
+    const char *v;
+    if (starts_with(s, "p=", &v))
+        arg.p = leading_digits(v);
+    else if (starts_with(s, "n=", &v))
+        arg.n = leading_digits(v);
+    else if (starts_with(s, "k=", &v))
+        arg.k = leading_digits(v);
+    else if (starts_with(s, "x=", &v))
+        arg.x = leading_digits(v);
+    else if (starts_with(s, "ring=", &v))
+        arg.ring = leading_digits(v);
+    else if (word_is(s, "check"))
+        arg.check = 1;
+    return 1;
+}
+
 void __attribute__((noreturn)) ctxsw_main(u32 cmdline)
 {
     setup_cpu_tables();
-    u32 p = 4, n = 1000, k = 8, x = 1, ring = 0, do_check = 0;
-    const char *s = (const char *)(uptr)cmdline;
-    while (s && *s) {
-        while (*s == ' ')
-            s++;
-        const char *v;
-        if (starts_with(s, "p=", &v))
-            p = leading_digits(v);
-        else if (starts_with(s, "n=", &v))
-            n = leading_digits(v);
-        else if (starts_with(s, "k=", &v))
-            k = leading_digits(v);
-        else if (starts_with(s, "x=", &v))
-            x = leading_digits(v);
-        else if (starts_with(s, "ring=", &v))
-            ring = leading_digits(v);
-        else if (word_is(s, "check"))
-            do_check = 1;
-        while (*s && *s != ' ')
-            s++;
-    }
-    if (do_check)
+    each_word((const char *)(uptr)cmdline, take_word);
+    if (arg.check)
         guest_exit(check());
-    if (p < 1 || p > MAXP || k < 1 || k > MAXK || x > 16 || (ring != 0 && ring != 3)) {
+    u32 p = arg.p, k = arg.k;
+    if (p < 1 || p > MAXP || k < 1 || k > MAXK || arg.x > 16 || (arg.ring != 0 && arg.ring != 3)) {
         rt_puts("ctxsw: error: p must be 1..8, k 1..64, x 0..16 and ring 0 or 3\n");
         guest_exit(1);
     }
-    g_p = p, g_n = n, g_k = k, g_x = x, g_ring = ring;
+    g_p = p, g_n = arg.n, g_k = k, g_x = arg.x, g_ring = arg.ring;
     for (u32 q = 0; q < p; q++)
         build_tree(q, k);
     ctxsw_next();

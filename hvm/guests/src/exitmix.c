@@ -172,7 +172,7 @@ static u32 cpu_work(u32 x, u32 rounds)
 
 /* ------------------------------------------------------- the command line */
 
-static int parse_cmdline(const char *line)
+static int take_word(const char *p) /* 0: a known key with a bad value */
 {
     static const struct {
         const char *key;
@@ -180,33 +180,29 @@ static int parse_cmdline(const char *line)
     } keys[] = {{"units=", &cfg.units}, {"work=", &cfg.work}, {"io=", &cfg.io},
                 {"sys=", &cfg.sys},     {"ipi=", &cfg.ipi},   {"tick=", &cfg.tick},
                 {"halt=", &cfg.halt}};
-    if (!line)
-        return 1;
-    for (const char *p = line; *p; p++) {
-        if (p != line && p[-1] != ' ')
-            continue;
-        const char *v;
-        int ok = 1;
-        if (starts_with(p, "design=", &v)) {
-            u32 d;
-            for (d = 0; d < NDESIGNS && !word_is(v, design_names[d]); d++)
-                ;
-            ok = d < NDESIGNS;
-            if (ok)
-                cfg.design = d;
-        } else {
-            for (u32 i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
-                if (starts_with(p, keys[i].key, &v))
-                    ok = parse_u32(v, keys[i].value);
-        }
-        if (!ok) {
-            rt_puts("exitmix: error: bad argument '");
-            rt_put_word(p);
-            rt_puts("' (design=pio|mmio|dirty units=N work=N io=N sys=N ipi=N tick=N halt=N)\n");
-            return 0;
-        }
+    const char *v;
+    if (starts_with(p, "design=", &v)) {
+        int d = word_index(v, design_names, NDESIGNS);
+        if (d >= 0)
+            cfg.design = (u32)d;
+        return d >= 0;
     }
-    return 1;
+    int ok = 1;
+    for (u32 i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+        if (starts_with(p, keys[i].key, &v))
+            ok = parse_u32(v, keys[i].value);
+    return ok;
+}
+
+static int parse_cmdline(const char *line)
+{
+    const char *bad = each_word(line, take_word);
+    if (bad) {
+        rt_puts("exitmix: error: bad argument '");
+        rt_put_word(bad);
+        rt_puts("' (design=pio|mmio|dirty units=N work=N io=N sys=N ipi=N tick=N halt=N)\n");
+    }
+    return !bad;
 }
 
 /* ---------------------------------------------------------------- entry */

@@ -425,42 +425,40 @@ static void __attribute__((noreturn, used)) user_main(void)
 
 /* ------------------------------------------------------- the command line */
 
+static int take_word(const char *p) /* 0: a known key with a bad value */
+{
+    const char *v;
+    if (starts_with(p, "design=", &v)) {
+        int d = word_index(v, design_names, NDESIGNS);
+        if (d >= 0)
+            cfg.design = (u32)d;
+        return d >= 0;
+    }
+    if (starts_with(p, "r=", &v))
+        return parse_u32(v, &cfg.r);
+    if (starts_with(p, "w=", &v))
+        return parse_u32(v, &cfg.w);
+    if (starts_with(p, "cpl=", &v)) {
+        u32 c = 0;
+        int ok = parse_u32(v, &c) && (c == 0 || c == 3);
+        if (ok)
+            cfg.cpl = c;
+        return ok;
+    }
+    if (starts_with(p, "maxwait=", &v))
+        return parse_u32(v, &cfg.maxwait);
+    return 1; /* not ours */
+}
+
 static int parse_cmdline(const char *line)
 {
-    if (!line)
-        return 1;
-    for (const char *p = line; *p; p++) {
-        if (p != line && p[-1] != ' ')
-            continue; /* not the start of a word */
-        const char *v;
-        int ok = 1;
-        if (starts_with(p, "design=", &v)) {
-            u32 d;
-            for (d = 0; d < NDESIGNS && !word_is(v, design_names[d]); d++)
-                ;
-            ok = d < NDESIGNS;
-            if (ok)
-                cfg.design = d;
-        } else if (starts_with(p, "r=", &v)) {
-            ok = parse_u32(v, &cfg.r);
-        } else if (starts_with(p, "w=", &v)) {
-            ok = parse_u32(v, &cfg.w);
-        } else if (starts_with(p, "cpl=", &v)) {
-            u32 c = 0;
-            ok = parse_u32(v, &c) && (c == 0 || c == 3);
-            if (ok)
-                cfg.cpl = c;
-        } else if (starts_with(p, "maxwait=", &v)) {
-            ok = parse_u32(v, &cfg.maxwait);
-        }
-        if (!ok) {
-            rt_puts("iobench: error: bad argument '");
-            rt_put_word(p);
-            rt_puts("' (design=pio|mmio|coalesced|dirty|loopback|selftest r=N w=N cpl=0|3 maxwait=N)\n");
-            return 0;
-        }
+    const char *bad = each_word(line, take_word);
+    if (bad) {
+        rt_puts("iobench: error: bad argument '");
+        rt_put_word(bad);
+        rt_puts("' (design=pio|mmio|coalesced|dirty|loopback|selftest r=N w=N cpl=0|3 maxwait=N)\n");
     }
-    return 1;
+    return !bad;
 }
 
 /* ---------------------------------------------------------------- entry */

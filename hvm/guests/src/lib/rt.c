@@ -96,6 +96,27 @@ int parse_u32(const char *s, u32 *out)
     return 1;
 }
 
+int word_index(const char *s, const char *const *words, u32 n)
+{
+    for (u32 i = 0; i < n; i++)
+        if (word_is(s, words[i]))
+            return (int)i;
+    return -1;
+}
+
+const char *each_word(const char *line, int (*take)(const char *word))
+{
+    if (!line)
+        return 0;
+    for (const char *p = line; *p; p++) {
+        if (p != line && p[-1] != ' ')
+            continue; /* not the start of a word */
+        if (!take(p))
+            return p;
+    }
+    return 0;
+}
+
 /* --------------------------------------------------------- descriptor tables */
 
 struct gate64 gate64(u64 offset, u32 type)

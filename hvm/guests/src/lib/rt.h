@@ -101,6 +101,10 @@ int is_end(char c);                                          /* NUL or space: th
 int starts_with(const char *s, const char *prefix, const char **rest); /* *rest = after it */
 int word_is(const char *s, const char *word);                /* the word at s is `word` */
 int parse_u32(const char *s, u32 *out); /* the word at s is all digits and fits: 1, else 0 */
+int word_index(const char *s, const char *const *words, u32 n); /* i if words[i] is the word at s, else -1 */
+/* take(word) for each word of `line` (a word starts the line or follows a space; `line` may be 0);
+ * returns the first word take() refuses (returns 0 for), or 0 if it took them all. */
+const char *each_word(const char *line, int (*take)(const char *word));
 
 /* ------------------------------------------- descriptor tables (rt.c) */
 
