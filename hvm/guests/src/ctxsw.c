@@ -380,7 +380,7 @@ static int take_word(const char *s) /* unknown words are ignored; values are che
 void __attribute__((noreturn)) ctxsw_main(u32 cmdline)
 {
     setup_cpu_tables();
-    each_word((const char *)(uptr)cmdline, take_word);
+    parse_args(cmdline, take_word, "ctxsw", ""); /* takes every word */
     if (arg.check)
         guest_exit(check());
     u32 p = arg.p, k = arg.k;

@@ -22,9 +22,7 @@
 # error code, RIP, CS, RFLAGS, RSP, SS) and, when it returns, resumes the guest
 # with IRETQ.  The kernel's page tables are lib/long64.inc's (`long64_pml4`).
 
-        .code32
-        .include "lib.inc"              # leaves .intel_syntax noprefix on
-        .include "lib/long64.inc"
+        .include "lib/long64.inc"       # and lib.inc; leaves .intel_syntax noprefix on
 
         LONG64_MAIN ctxsw_main, user=1
         LONG64_ENTER_USER ctxsw

@@ -172,6 +172,8 @@ static u32 cpu_work(u32 x, u32 rounds)
 
 /* ------------------------------------------------------- the command line */
 
+#define USAGE "design=pio|mmio|dirty units=N work=N io=N sys=N ipi=N tick=N halt=N"
+
 static int take_word(const char *p) /* 0: a known key with a bad value */
 {
     static const struct {
@@ -194,23 +196,12 @@ static int take_word(const char *p) /* 0: a known key with a bad value */
     return ok;
 }
 
-static int parse_cmdline(const char *line)
-{
-    const char *bad = each_word(line, take_word);
-    if (bad) {
-        rt_puts("exitmix: error: bad argument '");
-        rt_put_word(bad);
-        rt_puts("' (design=pio|mmio|dirty units=N work=N io=N sys=N ipi=N tick=N halt=N)\n");
-    }
-    return !bad;
-}
-
 /* ---------------------------------------------------------------- entry */
 
 void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
 {
     setup_idt();
-    if (!parse_cmdline(cmdline_gpa ? phys(cmdline_gpa) : 0))
+    if (!parse_args(cmdline_gpa, take_word, "exitmix", USAGE))
         guest_exit(1);
     u64 cmds = (u64)cfg.units * cfg.io;
     if (cmds > MAX_CMDS || (mem_upper_kib != 0xFFFFFFFFu && cmds &&

@@ -15,9 +15,7 @@
 #   * vector 0xFF (the spurious vector programmed in the SVR): IRETQ, no EOI
 #     (SDM Vol. 3A 11.9: a spurious interrupt is not in service).
 
-        .code32
-        .include "lib.inc"              # leaves .intel_syntax noprefix on
-        .include "lib/long64.inc"
+        .include "lib/long64.inc"       # and lib.inc; leaves .intel_syntax noprefix on
 
         .equ LAPIC_EOI,          0xFEE000B0
 

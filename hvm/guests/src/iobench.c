@@ -425,6 +425,8 @@ static void __attribute__((noreturn, used)) user_main(void)
 
 /* ------------------------------------------------------- the command line */
 
+#define USAGE "design=pio|mmio|coalesced|dirty|loopback|selftest r=N w=N cpl=0|3 maxwait=N"
+
 static int take_word(const char *p) /* 0: a known key with a bad value */
 {
     const char *v;
@@ -450,24 +452,13 @@ static int take_word(const char *p) /* 0: a known key with a bad value */
     return 1; /* not ours */
 }
 
-static int parse_cmdline(const char *line)
-{
-    const char *bad = each_word(line, take_word);
-    if (bad) {
-        rt_puts("iobench: error: bad argument '");
-        rt_put_word(bad);
-        rt_puts("' (design=pio|mmio|coalesced|dirty|loopback|selftest r=N w=N cpl=0|3 maxwait=N)\n");
-    }
-    return !bad;
-}
-
 /* ---------------------------------------------------------------- entry */
 
 /* From iobench.s, in long mode at ring 0. */
 void __attribute__((noreturn)) iobench_main(u32 cmdline_gpa, u32 mem_upper_kib)
 {
     setup_cpu_tables();
-    if (!parse_cmdline(cmdline_gpa ? phys(cmdline_gpa) : 0))
+    if (!parse_args(cmdline_gpa, take_word, "iobench", USAGE))
         guest_exit(1);
     if (cfg.w > MAX_W) {
         rt_puts("iobench: error: w=");

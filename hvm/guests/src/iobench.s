@@ -22,9 +22,7 @@
 #     port write, ring 3 cannot `hlt`, so it asks ring 0 to halt forever,
 #   * the ring-3 stack.
 
-        .code32
-        .include "lib.inc"              # leaves .intel_syntax noprefix on
-        .include "lib/long64.inc"
+        .include "lib/long64.inc"       # and lib.inc; leaves .intel_syntax noprefix on
 
         .equ IOBENCH_USTACK_SIZE, 65536
 

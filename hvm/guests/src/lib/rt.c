@@ -117,6 +117,20 @@ const char *each_word(const char *line, int (*take)(const char *word))
     return 0;
 }
 
+int parse_args(u32 cmdline_gpa, int (*take)(const char *word), const char *guest, const char *usage)
+{
+    const char *bad = each_word(cmdline_gpa ? phys(cmdline_gpa) : 0, take);
+    if (bad) {
+        rt_puts(guest);
+        rt_puts(": error: bad argument '");
+        rt_put_word(bad);
+        rt_puts("' (");
+        rt_puts(usage);
+        rt_puts(")\n");
+    }
+    return !bad;
+}
+
 /* --------------------------------------------------------- descriptor tables */
 
 struct gate64 gate64(u64 offset, u32 type)

@@ -105,6 +105,9 @@ int word_index(const char *s, const char *const *words, u32 n); /* i if words[i]
 /* take(word) for each word of `line` (a word starts the line or follows a space; `line` may be 0);
  * returns the first word take() refuses (returns 0 for), or 0 if it took them all. */
 const char *each_word(const char *line, int (*take)(const char *word));
+/* each_word on the command line at guest-physical `cmdline_gpa` (0: none); a refused word is
+ * reported as "GUEST: error: bad argument 'WORD' (USAGE)" and makes it return 0, else 1. */
+int parse_args(u32 cmdline_gpa, int (*take)(const char *word), const char *guest, const char *usage);
 
 /* ------------------------------------------- descriptor tables (rt.c) */
 
