@@ -183,12 +183,8 @@ static int take_word(const char *p) /* 0: a known key with a bad value */
                 {"sys=", &cfg.sys},     {"ipi=", &cfg.ipi},   {"tick=", &cfg.tick},
                 {"halt=", &cfg.halt}};
     const char *v;
-    if (starts_with(p, "design=", &v)) {
-        int d = word_index(v, design_names, NDESIGNS);
-        if (d >= 0)
-            cfg.design = (u32)d;
-        return d >= 0;
-    }
+    if (starts_with(p, "design=", &v))
+        return parse_choice(v, design_names, NDESIGNS, &cfg.design);
     int ok = 1;
     for (u32 i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
         if (starts_with(p, keys[i].key, &v))
@@ -271,22 +267,14 @@ void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
     for (u32 k = 0; k < sent; k++)
         bad += results[k] != cmd_expected[k % SLOTS];
 
-    rt_puts("exitmix design=");
-    rt_puts(design_names[cfg.design]);
-    rt_put_kv("units", cfg.units);
-    rt_put_kv("work", cfg.work);
-    rt_put_kv("io", cfg.io);
-    rt_put_kv("sys", cfg.sys);
-    rt_put_kv("ipi", cfg.ipi);
-    rt_put_kv("tick", cfg.tick);
-    rt_put_kv("halt", cfg.halt);
-    rt_put_kv("sent", sent);
-    rt_put_kv("completed", completed);
-    rt_put_kv("ticks", exitmix_ticks);
-    rt_put_kv("ipis", exitmix_ipis);
-    rt_put_kv("spurious", exitmix_spurious);
-    rt_put_kv("tsc_aux", aux);
-    rt_put_kv("bad", bad);
+    const struct kv fields[] = {
+        {"units", cfg.units},  {"work", cfg.work},           {"io", cfg.io},
+        {"sys", cfg.sys},      {"ipi", cfg.ipi},             {"tick", cfg.tick},
+        {"halt", cfg.halt},    {"sent", sent},               {"completed", completed},
+        {"ticks", exitmix_ticks}, {"ipis", exitmix_ipis},    {"spurious", exitmix_spurious},
+        {"tsc_aux", aux},      {"bad", bad},
+    };
+    rt_put_result("exitmix", design_names[cfg.design], fields, sizeof(fields) / sizeof(fields[0]));
     rt_puts(" sum=");
     rt_put_hex32(x);
     rt_putc('\n');

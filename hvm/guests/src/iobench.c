@@ -337,16 +337,17 @@ static u32 check_cpu_state(void)
 
 static void summary(u32 bad)
 {
-    rt_puts("iobench design=");
-    rt_puts(design_names[cfg.design]);
-    rt_put_kv("r", cfg.r);
-    rt_put_kv("w", cfg.w);
-    rt_put_kv("cpl", cfg.cpl);
-    rt_put_kv("sent", S.sent);
-    rt_put_kv("completed", S.completed);
-    rt_put_kv("stall_reads", S.stall_reads);
-    rt_put_kv("drain_reads", S.drain_reads);
-    rt_put_kv("bad_results", bad);
+    const struct kv fields[] = {
+        {"r", cfg.r},
+        {"w", cfg.w},
+        {"cpl", cfg.cpl},
+        {"sent", S.sent},
+        {"completed", S.completed},
+        {"stall_reads", S.stall_reads},
+        {"drain_reads", S.drain_reads},
+        {"bad_results", bad},
+    };
+    rt_put_result("iobench", design_names[cfg.design], fields, sizeof(fields) / sizeof(fields[0]));
     rt_putc('\n');
 }
 
@@ -430,12 +431,8 @@ static void __attribute__((noreturn, used)) user_main(void)
 static int take_word(const char *p) /* 0: a known key with a bad value */
 {
     const char *v;
-    if (starts_with(p, "design=", &v)) {
-        int d = word_index(v, design_names, NDESIGNS);
-        if (d >= 0)
-            cfg.design = (u32)d;
-        return d >= 0;
-    }
+    if (starts_with(p, "design=", &v))
+        return parse_choice(v, design_names, NDESIGNS, &cfg.design);
     if (starts_with(p, "r=", &v))
         return parse_u32(v, &cfg.r);
     if (starts_with(p, "w=", &v))

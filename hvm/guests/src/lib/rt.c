@@ -54,6 +54,15 @@ void rt_put_kv(const char *key, u64 v)
     rt_put_dec(v);
 }
 
+void rt_put_result(const char *guest, const char *design, const struct kv *fields, u32 n)
+{
+    rt_puts(guest);
+    rt_puts(" design=");
+    rt_puts(design);
+    for (u32 i = 0; i < n; i++)
+        rt_put_kv(fields[i].key, fields[i].value);
+}
+
 void rt_put_word(const char *s)
 {
     while (*s && *s != ' ')
@@ -96,12 +105,14 @@ int parse_u32(const char *s, u32 *out)
     return 1;
 }
 
-int word_index(const char *s, const char *const *words, u32 n)
+int parse_choice(const char *s, const char *const *words, u32 n, u32 *out)
 {
     for (u32 i = 0; i < n; i++)
-        if (word_is(s, words[i]))
-            return (int)i;
-    return -1;
+        if (word_is(s, words[i])) {
+            *out = i;
+            return 1;
+        }
+    return 0;
 }
 
 const char *each_word(const char *line, int (*take)(const char *word))

@@ -94,6 +94,13 @@ void rt_put_hex32(u32 v);          /* "0x" and exactly 8 hex digits */
 void rt_put_kv(const char *key, u64 v); /* " key=DECIMAL" */
 void rt_put_word(const char *s);   /* up to the next space or the end */
 
+struct kv {
+    const char *key;
+    u64 value;
+};
+/* "GUEST design=DESIGN", then " key=DECIMAL" for each of the n fields: a result line's start. */
+void rt_put_result(const char *guest, const char *design, const struct kv *fields, u32 n);
+
 /* ------------------------------------------------ command-line words (rt.c) */
 
 /* The command line is words separated by spaces (QEMU and hvm pass "IMAGE-PATH ARGS"). */
@@ -101,7 +108,8 @@ int is_end(char c);                                          /* NUL or space: th
 int starts_with(const char *s, const char *prefix, const char **rest); /* *rest = after it */
 int word_is(const char *s, const char *word);                /* the word at s is `word` */
 int parse_u32(const char *s, u32 *out); /* the word at s is all digits and fits: 1, else 0 */
-int word_index(const char *s, const char *const *words, u32 n); /* i if words[i] is the word at s, else -1 */
+/* the word at s is words[i] for an i < n: *out = i, 1; else 0 */
+int parse_choice(const char *s, const char *const *words, u32 n, u32 *out);
 /* take(word) for each word of `line` (a word starts the line or follows a space; `line` may be 0);
  * returns the first word take() refuses (returns 0 for), or 0 if it took them all. */
 const char *each_word(const char *line, int (*take)(const char *word));
