@@ -161,8 +161,8 @@ def test_stale_image_is_rebuilt_when_a_source_is_touched(private_tree, source):
     assert find_multiboot_header(image.read_bytes()) >= 0
 
 
-def test_flat_image_depends_only_on_its_source(private_tree):
-    assert guests.guest_sources("realmode") == [private_tree / "realmode.s"]
+def test_flat_image_depends_only_on_its_own_sources(private_tree):
+    assert guests.guest_sources("realmode") == [private_tree / "realmode.s", private_tree / "lib/flat.inc"]
     image = image_path("realmode")
     built = image.stat().st_mtime_ns
     later = image.stat().st_mtime + 100

@@ -78,17 +78,25 @@ def image() -> Path:
 def test_registered():
     assert "iobench" in GUESTS
     assert GUEST_FORMAT["iobench"] == "multiboot"
-    assert guests.C_SOURCES["iobench"] == ("iobench.c",)
+    assert guests.C_SOURCES["iobench"] == ("iobench.c", "lib/rt.c", "lib/cmd.c")
     src = guests.SRC_DIR
+    # Its own files, the shared runtime's, what they include, the linker script.
     assert guests.guest_sources("iobench") == [
         src / "iobench.s",
         src / "iobench.c",
+        src / "lib/rt.c",
+        src / "lib/cmd.c",
+        src / "lib/long64.inc",
         src / "lib.inc",
-        src / "iobench.ld",
+        src / "lib/cmd.h",
+        src / "lib/rt.h",
+        src / "lib/long64.ld",
     ]
     # The assembly-only guests are built as before: no C sources.
     assert all(name not in guests.C_SOURCES for name in GUESTS if name not in ("iobench", "ctxsw", "exitmix"))
-    assert guests.C_SOURCES["exitmix"] == ("exitmix.c",)
+    assert guests.C_SOURCES["exitmix"] == ("exitmix.c", "lib/rt.c", "lib/cmd.c")
+    assert guests.C_SOURCES["ctxsw"] == ("ctxsw.c", "lib/rt.c")
+    assert src / "lib/cmd.h" not in guests.guest_sources("ctxsw")
 
 
 def test_multiboot_image(image):
@@ -143,13 +151,33 @@ def private_tree(tmp_path, monkeypatch) -> Path:
     return src
 
 
-def test_touching_the_c_source_rebuilds(private_tree):
+@pytest.mark.parametrize(
+    "source", ["iobench.c", "lib/rt.c", "lib/rt.h", "lib/cmd.h", "lib/long64.inc", "lib/long64.ld"]
+)
+def test_touching_a_source_rebuilds(private_tree, source):
     image = image_path("iobench")
     old = image.stat().st_mtime - 3600
     os.utime(image, (old, old))
-    os.utime(private_tree / "iobench.c")
+    os.utime(private_tree / source)
     assert image_path("iobench") == image
-    assert image.stat().st_mtime_ns >= (private_tree / "iobench.c").stat().st_mtime_ns
+    assert image.stat().st_mtime_ns >= (private_tree / source).stat().st_mtime_ns
+
+
+def test_shared_runtime_is_not_a_source_of_the_assembly_guests(private_tree):
+    image = image_path("spin")
+    built = image.stat().st_mtime_ns
+    later = image.stat().st_mtime + 100
+    for shared in ("lib/rt.h", "lib/rt.c", "lib/long64.inc"):
+        os.utime(private_tree / shared, (later, later))
+    image_path("spin")
+    assert image.stat().st_mtime_ns == built
+
+
+def test_a_missing_include_is_one_line(private_tree):
+    (private_tree / "lib" / "cmd.h").unlink()
+    with pytest.raises(GuestBuildError, match=r"compiling iobench\.c failed: .*cmd\.h") as info:
+        image_path("iobench")
+    assert "\n" not in str(info.value)
 
 
 def test_c_compile_error_is_one_line(private_tree):

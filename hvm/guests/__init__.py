@@ -4,8 +4,9 @@ The guests are GNU ``as`` sources under ``src/``; no binary image is committed.
 :func:`image_path` builds a guest on demand into ``build/`` (or into
 ``$HVM_GUESTS_BUILD_DIR``) with ``as --32`` and ``ld -m elf_i386`` and returns
 the image's path; it rebuilds when the image is older than any of its sources.
-Guests with C sources (:data:`C_SOURCES`, i.e. ``iobench``) are built as 64-bit
-code behind lib.inc's 32-bit multiboot entry; see :data:`C_SOURCES`.
+Guests with C sources (:data:`C_SOURCES`: ``iobench``, ``ctxsw``, ``exitmix``) are
+built as 64-bit code behind lib.inc's 32-bit multiboot entry and share a small
+runtime in ``src/lib/``; see :data:`C_SOURCES`.
 
 Three image formats (:data:`GUEST_FORMAT`):
 
@@ -35,6 +36,7 @@ Every guest reports on COM1 and leaves through QEMU's isa-debug-exit device
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "C_LINKER_SCRIPT",
     "C_SOURCES",
     "COM1_PORT",
     "DEFAULT_N",
@@ -150,16 +153,25 @@ DEFAULT_N: dict[str, int] = {"outloop": 1000, "spin": 1_000_000}
 """Value of ``n`` when the command line has no ``n=NUMBER``."""
 
 C_SOURCES: dict[str, tuple[str, ...]] = {
-    "iobench": ("iobench.c",), "ctxsw": ("ctxsw.c",), "exitmix": ("exitmix.c",)}
-"""Guest name -> freestanding C files in ``src/``.
+    "iobench": ("iobench.c", "lib/rt.c", "lib/cmd.c"),
+    "ctxsw": ("ctxsw.c", "lib/rt.c"),
+    "exitmix": ("exitmix.c", "lib/rt.c", "lib/cmd.c"),
+}
+"""Guest name -> freestanding C files in ``src/`` (its own, then the shared runtime's).
 
 Such a guest is a multiboot image whose body is 64-bit: ``NAME.s`` includes
-lib.inc under ``.code32`` (entry in 32-bit protected mode) and switches to long
-mode itself.  It is assembled with ``as --64``, the C compiled with ``gcc -m64``
-(:data:`_CC_FLAGS`), linked by ``NAME.ld`` as ELF64 at 1 MiB and converted with
-``objcopy -O elf32-i386`` into the ELF32 image multiboot loaders accept.  (64-bit
-because on KVM-on-PVM hosts only 64-bit ring-3 guest code runs natively.)
+lib.inc under ``.code32`` (entry in 32-bit protected mode) and lib/long64.inc,
+which switches to long mode and calls the C entry point.  It is assembled with
+``as --64``, the C compiled with ``gcc -m64`` (:data:`_CC_FLAGS`), linked by
+:data:`C_LINKER_SCRIPT` as ELF64 at 1 MiB and converted with ``objcopy -O
+elf32-i386`` into the ELF32 image multiboot loaders accept.  (64-bit because on
+KVM-on-PVM hosts only 64-bit ring-3 guest code runs natively.)  The shared
+runtime: lib/rt.c (rt.h: port I/O, COM1 output, numbers, command-line words,
+IDT/TSS) and lib/cmd.c (cmd.h: the command device's data and CRC-32).
 """
+
+C_LINKER_SCRIPT = "lib/long64.ld"
+"""The linker script of every guest in :data:`C_SOURCES`, relative to ``src/``."""
 
 _CC_FLAGS = [
     "-m64", "-ffreestanding", "-fno-pic", "-fno-stack-protector", "-nostdlib", "-O2",
@@ -206,15 +218,47 @@ def build_dir() -> Path:
 
 
 def guest_sources(name: str) -> list[Path]:
-    """The files an image is built from; it is rebuilt when any is newer."""
+    """The files an image is built from; it is rebuilt when any is newer.
+
+    The guest's ``.s`` file, its C files, every file they include (``.include "F"``,
+    ``#include "F"``, followed into included files) and the linker script.
+    """
     recipe = _recipe(name)
-    sources = [SRC_DIR / f"{name}.s"]
+    sources = [SRC_DIR / f"{name}.s", *(SRC_DIR / c for c in C_SOURCES.get(name, ()))]
+    for source in list(sources):
+        sources += [inc for inc in _includes(source) if inc not in sources]
     if name in C_SOURCES:
-        sources += [SRC_DIR / c for c in C_SOURCES[name]]
-        return [*sources, SRC_DIR / "lib.inc", SRC_DIR / f"{name}.ld"]
-    if recipe.fmt == "multiboot":
-        sources += [SRC_DIR / "lib.inc", SRC_DIR / "multiboot.ld"]
+        sources.append(SRC_DIR / C_LINKER_SCRIPT)
+    elif recipe.fmt == "multiboot":
+        sources.append(SRC_DIR / "multiboot.ld")
     return sources
+
+
+_INCLUDE = re.compile(r'^\s*(?:\.include|#\s*include)\s+"([^"]+)"', re.MULTILINE)
+
+
+def _includes(source: Path) -> list[Path]:
+    """The files ``source`` includes, directly or not, in the order first met.
+
+    A name is looked up next to the including file, then in ``src/`` (``as -I`` and
+    ``gcc -I`` get ``src/``); one found nowhere is listed as it would be in ``src/``,
+    so the staleness check sees it missing and the build reports it.
+    """
+    found: list[Path] = []
+    pending = [source]
+    while pending:
+        current = pending.pop(0)
+        try:
+            text = current.read_text(errors="replace")
+        except OSError:
+            continue  # missing: the build says so
+        for include in _INCLUDE.findall(text):
+            beside = current.parent / include
+            path = beside if beside.is_file() else SRC_DIR / include
+            if path not in found and path != source:
+                found.append(path)
+                pending.append(path)
+    return found
 
 
 def _output_path(name: str) -> Path:
@@ -314,10 +358,11 @@ def _build_c_guest(name: str, tmp: Path, out: Path) -> None:
     _run(["as", "--64", "-I", str(SRC_DIR), "-o", str(objects[0]), str(source)], f"assembling {source.name}")
     for c_name in C_SOURCES[name]:
         c_source = SRC_DIR / c_name
-        objects.append(tmp / f"{c_source.stem}.c.o")
-        _run(["gcc", *_CC_FLAGS, "-o", str(objects[-1]), str(c_source)], f"compiling {c_source.name}")
+        objects.append(tmp / (c_name.replace("/", "_") + ".o"))
+        compile_ = ["gcc", *_CC_FLAGS, "-I", str(SRC_DIR), "-o", str(objects[-1]), str(c_source)]
+        _run(compile_, f"compiling {c_name}")
     elf64 = tmp / f"{name}.elf64"
-    link = ["ld", "-m", "elf_x86_64", "-n", "-z", "noexecstack", "-T", str(SRC_DIR / f"{name}.ld")]
+    link = ["ld", "-m", "elf_x86_64", "-n", "-z", "noexecstack", "-T", str(SRC_DIR / C_LINKER_SCRIPT)]
     _run([*link, "-o", str(elf64), *map(str, objects)], f"linking {out.name}")
     _run(["objcopy", "-O", "elf32-i386", str(elf64), str(out)], f"converting {out.name} to ELF32")
 

@@ -1,7 +1,8 @@
 /* ctxsw.c - the guest of the context-switch experiment, and a paging self-check.
  *
  * Freestanding 64-bit C, linked with ctxsw.s (multiboot entry, long mode, 4 GiB
- * identity map with 2 MiB supervisor pages, exception stubs); runs at ring 0.
+ * identity map with 2 MiB pages, exception path: lib/long64.inc) and lib/rt.c (serial
+ * output, command-line words, IDT/TSS); runs at ring 0.
  *
  * Command line (words; the last one wins; unknown words are ignored):
  *     p=P  processes, 1..8                                   (default 4)
@@ -42,20 +43,7 @@
  * "ctxsw: error: exception ..." and exits with 1.
  */
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
-typedef unsigned long uptr;
-
-#pragma GCC target("general-regs-only")
-
-#define COM1_PORT 0x3F8
-#define UART_LSR 5
-#define LSR_THRE 0x20
-#define THRE_POLL_LIMIT 0xFFFF
-#define EXIT_PORT 0xF4
-#define POST_PORT 0x80
+#include "lib/rt.h"
 
 #define MAXP 8
 #define MAXK 64
@@ -63,23 +51,12 @@ typedef unsigned long uptr;
 #define PTE_P 0x1UL
 #define PTE_RW 0x2UL
 #define PTE_US 0x4UL
-#define KERNEL_CS 0x08
-#define TSS_SEL 0x38
 #define DONE_VECTOR 0x81
 #define PTE_A 0x20UL
 #define PTE_D 0x40UL
 #define CR0_WP (1UL << 16)
 #define TEST_SLOT 200 /* PT slots from here are the self-check's (k <= 64) */
 
-#define barrier() __asm__ volatile("" ::: "memory")
-
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port)
-{
-    u8 v;
-    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
 static inline void load_cr3(u64 v) { __asm__ volatile("mov %0, %%cr3" : : "r"(v) : "memory"); }
 static inline u64 read_cr0(void)
 {
@@ -98,91 +75,26 @@ static inline void invlpg(u64 va) { __asm__ volatile("invlpg (%0)" : : "r"(va) :
 
 static void __attribute__((noreturn)) guest_exit(u32 value)
 {
-    barrier();
-    __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"((u16)EXIT_PORT) : "memory");
+    debug_exit(value);
     for (;;)
         __asm__ volatile("cli; hlt");
 }
 
-static void putc(char c)
-{
-    for (u32 n = THRE_POLL_LIMIT; n && !(inb(COM1_PORT + UART_LSR) & LSR_THRE); n--)
-        ;
-    outb(COM1_PORT, (u8)c);
-}
-
-static void puts(const char *s)
-{
-    while (*s)
-        putc(*s++);
-}
-
-static void put_dec(u32 v)
-{
-    char digits[10];
-    int n = 0;
-    do {
-        digits[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        putc(digits[--n]);
-}
-
-static void put_hex(u64 v)
-{
-    int shift = 60;
-    puts("0x");
-    while (shift > 0 && !((v >> shift) & 0xF))
-        shift -= 4;
-    for (; shift >= 0; shift -= 4)
-        putc("0123456789abcdef"[(v >> shift) & 0xF]);
-}
-
 /* ------------------------------------------------------------ descriptor tables */
 
-struct dtr {
-    u16 limit;
-    u64 base;
-} __attribute__((packed));
-
-struct tss64 {
-    u32 reserved0;
-    u64 rsp0, rsp1, rsp2, reserved1, ist[7], reserved2;
-    u16 reserved3, iomap_base;
-    u8 iomap[65536 / 8 + 1]; /* all ports allowed; the extra byte must be 0xFF */
-} __attribute__((packed));
-
-static u64 idt[2 * (DONE_VECTOR + 1)] __attribute__((aligned(16)));
+static struct gate64 idt[DONE_VECTOR + 1] __attribute__((aligned(16)));
 static struct tss64 tss __attribute__((aligned(16)));
-extern const u64 ctxsw_isr_table[32];
-extern u64 ctxsw_tss_desc[2];
-extern char ctxsw_stack_top[], ctxsw_user_done[];
-
-static void set_gate(int v, u64 off, u64 type) /* 64-bit gate into KERNEL_CS */
-{
-    idt[2 * v] = (off & 0xFFFF) | ((u64)KERNEL_CS << 16) | (type << 40) | (((off >> 16) & 0xFFFF) << 48);
-    idt[2 * v + 1] = off >> 32;
-}
+extern char ctxsw_user_done[];
 
 /* The IDT (exceptions; vector 0x81, a DPL3 gate, also ends a ring-3 slice) and a TSS
- * whose rsp0 is the kernel stack.  Its I/O bitmap allows every port: on
- * KVM-on-PVM ring-3 code runs with the host's IOPL, so KVM's emulator consults
- * the bitmap for each IN/OUT (as iobench.c explains). */
+ * whose rsp0 is the kernel stack (and whose I/O bitmap allows every port, see rt.h). */
 static void setup_cpu_tables(void)
 {
-    u64 base = (uptr)&tss, limit = sizeof(tss) - 1;
-    tss.rsp0 = (uptr)ctxsw_stack_top;
-    tss.iomap_base = __builtin_offsetof(struct tss64, iomap);
-    tss.iomap[sizeof(tss.iomap) - 1] = 0xFF;
-    ctxsw_tss_desc[0] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89UL << 40) |
-                        (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
-    ctxsw_tss_desc[1] = base >> 32; /* P, DPL0, 64-bit TSS (available) */
     for (int v = 0; v < 32; v++)
-        set_gate(v, ctxsw_isr_table[v], 0x8E); /* P, DPL0, interrupt gate */
-    set_gate(DONE_VECTOR, (uptr)ctxsw_user_done, 0xEE); /* P, DPL3 */
-    struct dtr idtr = {sizeof(idt) - 1, (uptr)idt};
-    __asm__ volatile("lidt %0\n\tltr %w1" : : "m"(idtr), "r"(TSS_SEL) : "memory");
+        idt[v] = gate64(long64_isr_table[v], 0x8E);            /* P, DPL0, interrupt gate */
+    idt[DONE_VECTOR] = gate64((uptr)ctxsw_user_done, 0xEE); /* P, DPL3 */
+    load_idt(idt, sizeof(idt));
+    tss_load(&tss, long64_kstack_top);
 }
 
 /* --------------------------------------------------------------- processes */
@@ -191,7 +103,6 @@ struct tree {
     u64 pml4[512], pdpt[512], pd[512], pt[512];
 };
 
-extern u64 ctxsw_pml4[], ctxsw_pdpt[];
 static struct tree trees[MAXP] __attribute__((aligned(4096)));
 static u8 frames[MAXP][MAXK][4096] __attribute__((aligned(4096)));
 static u8 spare[6][4096] __attribute__((aligned(4096)));
@@ -199,7 +110,7 @@ static u8 spare[6][4096] __attribute__((aligned(4096)));
 static void build_tree(u32 p, u32 k)
 {
     struct tree *t = &trees[p];
-    t->pml4[0] = (uptr)ctxsw_pdpt | PTE_P | PTE_RW | PTE_US;
+    t->pml4[0] = (uptr)long64_pdpt | PTE_P | PTE_RW | PTE_US;
     t->pml4[1] = (uptr)t->pdpt | PTE_P | PTE_RW | PTE_US;
     t->pdpt[0] = (uptr)t->pd | PTE_P | PTE_RW | PTE_US;
     t->pd[0] = (uptr)t->pt | PTE_P | PTE_RW | PTE_US;
@@ -227,15 +138,15 @@ void ctxsw_trap(u64 *frame) /* vector, error, rip, cs, rflags, rsp, ss */
         invlpg(pf_cr2);
         return;
     }
-    puts("ctxsw: error: exception vector=");
-    put_dec((u32)frame[0]);
-    puts(" error=");
-    put_hex(frame[1]);
-    puts(" rip=");
-    put_hex(frame[2]);
-    puts(" cr2=");
-    put_hex(read_cr2());
-    putc('\n');
+    rt_puts("ctxsw: error: exception vector=");
+    rt_put_dec((u32)frame[0]);
+    rt_puts(" error=");
+    rt_put_hex(frame[1]);
+    rt_puts(" rip=");
+    rt_put_hex(frame[2]);
+    rt_puts(" cr2=");
+    rt_put_hex(read_cr2());
+    rt_putc('\n');
     guest_exit(1);
 }
 
@@ -290,7 +201,7 @@ static void __attribute__((noreturn)) finish(void)
 {
     u32 p = g_p, n = g_n, k = g_k, x = g_x;
     u64 sum = g_sum;
-    load_cr3((uptr)ctxsw_pml4);
+    load_cr3((uptr)long64_pml4);
     u32 ok = 1;
     for (u32 q = 0; q < p; q++) {
         u64 slices = (n / p + (q < n % p ? 1 : 0)) * (x + 1);
@@ -298,19 +209,19 @@ static void __attribute__((noreturn)) finish(void)
             if (*(volatile u64 *)frames[q][i] != ((u64)q << 16 | i) + slices)
                 ok = 0;
     }
-    puts("ctxsw p=");
-    put_dec(p);
-    puts(" n=");
-    put_dec(n);
-    puts(" k=");
-    put_dec(k);
-    puts(" x=");
-    put_dec(x);
-    puts(" ring=");
-    put_dec(g_ring);
-    puts(" sum=");
-    put_hex(sum & 0xFFFFFFFF);
-    puts(ok ? " isolation=ok\n" : " isolation=bad\n");
+    rt_puts("ctxsw p=");
+    rt_put_dec(p);
+    rt_puts(" n=");
+    rt_put_dec(n);
+    rt_puts(" k=");
+    rt_put_dec(k);
+    rt_puts(" x=");
+    rt_put_dec(x);
+    rt_puts(" ring=");
+    rt_put_dec(g_ring);
+    rt_puts(" sum=");
+    rt_put_hex(sum & 0xFFFFFFFF);
+    rt_puts(ok ? " isolation=ok\n" : " isolation=bad\n");
     guest_exit(ok ? 0 : 1);
 }
 
@@ -318,12 +229,12 @@ static void __attribute__((noreturn)) finish(void)
 
 static void put_ad(const char *what, u64 pte)
 {
-    puts(what);
-    puts(": A=");
-    put_dec((pte & PTE_A) ? 1 : 0);
-    puts(" D=");
-    put_dec((pte & PTE_D) ? 1 : 0);
-    putc('\n');
+    rt_puts(what);
+    rt_puts(": A=");
+    rt_put_dec((pte & PTE_A) ? 1 : 0);
+    rt_puts(" D=");
+    rt_put_dec((pte & PTE_D) ? 1 : 0);
+    rt_putc('\n');
 }
 
 static u32 check(void)
@@ -347,11 +258,11 @@ static u32 check(void)
     invlpg(va);
     v = *(volatile u64 *)va;
     put_ad("ad reread", pt[TEST_SLOT]);
-    puts("ad upper: A=");
-    put_dec((t->pml4[1] & PTE_A) && (t->pdpt[0] & PTE_A) && (t->pd[0] & PTE_A) ? 1 : 0);
-    puts(" value=");
-    put_hex(*(volatile u64 *)spare[0]);
-    putc('\n');
+    rt_puts("ad upper: A=");
+    rt_put_dec((t->pml4[1] & PTE_A) && (t->pdpt[0] & PTE_A) && (t->pd[0] & PTE_A) ? 1 : 0);
+    rt_puts(" value=");
+    rt_put_hex(*(volatile u64 *)spare[0]);
+    rt_putc('\n');
 
     /* remap */
     va = USER_VA + (TEST_SLOT + 1) * 4096UL;
@@ -363,11 +274,11 @@ static u32 check(void)
     pt[TEST_SLOT + 1] = (uptr)spare[2] | PTE_P | PTE_RW;
     invlpg(va);
     u64 after = *(volatile u64 *)va;
-    puts("remap: ");
-    put_hex(before);
-    puts(" -> ");
-    put_hex(after);
-    putc('\n');
+    rt_puts("remap: ");
+    rt_put_hex(before);
+    rt_puts(" -> ");
+    rt_put_hex(after);
+    rt_putc('\n');
 
     /* a true page fault: not present */
     va = USER_VA + (TEST_SLOT + 2) * 4096UL;
@@ -377,13 +288,13 @@ static u32 check(void)
     pf_fix = (uptr)spare[3] | PTE_P | PTE_RW;
     expecting_pf = 1;
     *(volatile u64 *)va = 0x33;
-    puts("pf notpresent: cr2=");
-    put_hex(pf_cr2 - USER_VA);
-    puts(" error=");
-    put_hex(pf_error);
-    puts(" value=");
-    put_hex(*(volatile u64 *)spare[3]);
-    putc('\n');
+    rt_puts("pf notpresent: cr2=");
+    rt_put_hex(pf_cr2 - USER_VA);
+    rt_puts(" error=");
+    rt_put_hex(pf_error);
+    rt_puts(" value=");
+    rt_put_hex(*(volatile u64 *)spare[3]);
+    rt_putc('\n');
 
     /* CR0.WP = 1: a supervisor write to a read-only page faults */
     write_cr0(read_cr0() | CR0_WP);
@@ -395,11 +306,11 @@ static u32 check(void)
     pf_fix = (uptr)spare[4] | PTE_P | PTE_RW;
     expecting_pf = 1;
     *(volatile u64 *)va = 0x44;
-    puts("pf readonly: error=");
-    put_hex(pf_error);
-    puts(" value=");
-    put_hex(*(volatile u64 *)spare[4]);
-    putc('\n');
+    rt_puts("pf readonly: error=");
+    rt_put_hex(pf_error);
+    rt_puts(" value=");
+    rt_put_hex(*(volatile u64 *)spare[4]);
+    rt_putc('\n');
 
     /* CR0.WP = 0: the same write does not fault */
     write_cr0(read_cr0() & ~CR0_WP);
@@ -409,11 +320,11 @@ static u32 check(void)
     expecting_pf = 1;
     pf_error = 0;
     *(volatile u64 *)va = 0x55;
-    puts("wp0 write: faulted=");
-    put_dec(expecting_pf ? 0 : 1);
+    rt_puts("wp0 write: faulted=");
+    rt_put_dec(expecting_pf ? 0 : 1);
     expecting_pf = 0;
-    puts(" value=");
-    put_hex(*(volatile u64 *)spare[5]);
+    rt_puts(" value=");
+    rt_put_hex(*(volatile u64 *)spare[5]);
     put_ad(" pte", pt[TEST_SLOT + 4]);
 
     /* the same linear address through two trees */
@@ -422,28 +333,21 @@ static u32 check(void)
     u64 b = *user_page(0);
     load_cr3((uptr)t->pml4);
     u64 c = *user_page(0);
-    puts("cr3 switch: ");
-    put_hex(a);
-    puts(" ");
-    put_hex(b);
-    puts(" ");
-    put_hex(c);
-    putc('\n');
-    load_cr3((uptr)ctxsw_pml4);
-    puts("ctxsw check done\n");
+    rt_puts("cr3 switch: ");
+    rt_put_hex(a);
+    rt_puts(" ");
+    rt_put_hex(b);
+    rt_puts(" ");
+    rt_put_hex(c);
+    rt_putc('\n');
+    load_cr3((uptr)long64_pml4);
+    rt_puts("ctxsw check done\n");
     return 0;
 }
 
 /* ------------------------------------------------------------- command line */
 
-static int word_is(const char *s, const char *w)
-{
-    while (*w && *s == *w)
-        s++, w++;
-    return !*w && (!*s || *s == ' ');
-}
-
-static u32 parse_u32(const char *s)
+static u32 leading_digits(const char *s) /* the decimal number at s, 0 if none; no checks */
 {
     u32 v = 0;
     while (*s >= '0' && *s <= '9')
@@ -451,36 +355,40 @@ static u32 parse_u32(const char *s)
     return v;
 }
 
+static struct {
+    u32 p, n, k, x, ring, check;
+} arg = {4, 1000, 8, 1, 0, 0};
+
+static int take_word(const char *s) /* unknown words are ignored; values are checked later */
+{
+    const char *v;
+    if (starts_with(s, "p=", &v))
+        arg.p = leading_digits(v);
+    else if (starts_with(s, "n=", &v))
+        arg.n = leading_digits(v);
+    else if (starts_with(s, "k=", &v))
+        arg.k = leading_digits(v);
+    else if (starts_with(s, "x=", &v))
+        arg.x = leading_digits(v);
+    else if (starts_with(s, "ring=", &v))
+        arg.ring = leading_digits(v);
+    else if (word_is(s, "check"))
+        arg.check = 1;
+    return 1;
+}
+
 void __attribute__((noreturn)) ctxsw_main(u32 cmdline)
 {
     setup_cpu_tables();
-    u32 p = 4, n = 1000, k = 8, x = 1, ring = 0, do_check = 0;
-    const char *s = (const char *)(uptr)cmdline;
-    while (s && *s) {
-        while (*s == ' ')
-            s++;
-        if (s[0] == 'p' && s[1] == '=')
-            p = parse_u32(s + 2);
-        else if (s[0] == 'n' && s[1] == '=')
-            n = parse_u32(s + 2);
-        else if (s[0] == 'k' && s[1] == '=')
-            k = parse_u32(s + 2);
-        else if (s[0] == 'x' && s[1] == '=')
-            x = parse_u32(s + 2);
-        else if (s[0] == 'r' && s[1] == 'i' && s[2] == 'n' && s[3] == 'g' && s[4] == '=')
-            ring = parse_u32(s + 5);
-        else if (word_is(s, "check"))
-            do_check = 1;
-        while (*s && *s != ' ')
-            s++;
-    }
-    if (do_check)
+    parse_args(cmdline, take_word, "ctxsw", ""); /* takes every word */
+    if (arg.check)
         guest_exit(check());
-    if (p < 1 || p > MAXP || k < 1 || k > MAXK || x > 16 || (ring != 0 && ring != 3)) {
-        puts("ctxsw: error: p must be 1..8, k 1..64, x 0..16 and ring 0 or 3\n");
+    u32 p = arg.p, k = arg.k;
+    if (p < 1 || p > MAXP || k < 1 || k > MAXK || arg.x > 16 || (arg.ring != 0 && arg.ring != 3)) {
+        rt_puts("ctxsw: error: p must be 1..8, k 1..64, x 0..16 and ring 0 or 3\n");
         guest_exit(1);
     }
-    g_p = p, g_n = n, g_k = k, g_x = x, g_ring = ring;
+    g_p = p, g_n = arg.n, g_k = k, g_x = arg.x, g_ring = arg.ring;
     for (u32 q = 0; q < p; q++)
         build_tree(q, k);
     ctxsw_next();

@@ -37,13 +37,7 @@ main:
         jmp     1b
 3:
         call    newline
-        mov     esi, OFFSET msg_done
-        call    puts
-        mov     eax, ebx
-        call    put_dec
-        call    newline
-        xor     eax, eax
-        ret
+        RETURN_DONE msg_done            # "echo done N\n", exit value 0
 
         .section .rodata
 msg_ready:      .asciz "echo ready\n"

@@ -1,8 +1,9 @@
 /* exitmix.c - the guest of the exit-rate experiment: a mixed workload whose I/O
  * intensity is a parameter.
  *
- * Freestanding 64-bit C built like iobench.c (see hvm/guests/__init__.py); exitmix.s
- * boots it into long mode and calls exitmix_main at ring 0, where it stays.
+ * Freestanding 64-bit C built like iobench.c (see hvm/guests/__init__.py), with the same
+ * runtime (lib/rt.c, lib/cmd.c); exitmix.s boots it into long mode (lib/long64.inc) and
+ * calls exitmix_main at ring 0, where it stays.
  *
  * The work is `units` units; each unit does, in this order:
  *     work=W   W rounds of a register-only xorshift step (CPU-bound, no exit)
@@ -38,29 +39,9 @@
  * exits with 1.
  */
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
-typedef unsigned long uptr;
-
-#pragma GCC target("general-regs-only")
-
-#define COM1_PORT 0x3F8
-#define UART_LSR 5
-#define LSR_THRE 0x20
-#define THRE_POLL_LIMIT 0xFFFF
-#define EXIT_PORT 0xF4
+#include "lib/cmd.h"
 
 #define PHASE_PORT 0x510 /* OUT 1: the measured phase starts; OUT 2: it ends */
-#define PIO_STATUS_PORT 0x520
-#define PIO_DOORBELL_PORT 0x524
-#define MMIO_DOORBELL_GPA 0xD0000004
-#define DIRTY_GPA 0xD0100000
-#define DIRTY_RING_GPA 0xD0101000
-#define RESULTS_GPA 0x01000000
-#define SLOTS 256
-#define CMD_LEN 64
 #define MAX_CMDS 1000000
 #define MAXWAIT 4000000000u
 #define IPI_WAIT 1000000u /* PAUSE loops waiting for one self-IPI */
@@ -79,9 +60,6 @@ typedef unsigned long uptr;
 #define LVT_PERIODIC (1u << 17)
 #define ICR_SELF (1u << 18) /* destination shorthand 01b: self */
 #define MSR_TSC_AUX 0xC0000103u
-#define KERNEL_CS 0x08
-
-#define barrier() __asm__ volatile("" ::: "memory")
 
 enum design { PIO, MMIO, DIRTY, NDESIGNS };
 static const char *const design_names[NDESIGNS] = {"pio", "mmio", "dirty"};
@@ -91,155 +69,47 @@ static struct {
 } cfg = {PIO, 100, 1000, 0, 1, 0, 0, 0};
 
 extern volatile u64 exitmix_ticks, exitmix_ipis, exitmix_spurious;
-extern const u64 exitmix_isr_table[32];
 extern char exitmix_timer_isr[], exitmix_ipi_isr[], exitmix_spurious_isr[];
-
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port)
-{
-    u8 v;
-    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory"); }
-
-static inline void *phys(u32 addr)
-{
-    void *p;
-    __asm__("" : "=r"(p) : "0"((uptr)addr));
-    return p;
-}
-static inline u32 gpa(const volatile void *p) { return (u32)(uptr)p; }
 
 static inline void lapic_write(u32 reg, u32 v) { *(volatile u32 *)phys(LAPIC + reg) = v; }
 
 static void __attribute__((noreturn)) guest_exit(u32 value)
 {
-    barrier();
-    __asm__ volatile("cli; outl %0, %1" : : "a"(value), "Nd"((u16)EXIT_PORT) : "memory");
+    __asm__ volatile("cli" ::: "memory");
+    debug_exit(value);
     for (;;)
         __asm__ volatile("hlt");
 }
 
-/* -------------------------------------------------------------- serial */
-
-static void putc(char c)
-{
-    for (u32 n = THRE_POLL_LIMIT; n && !(inb(COM1_PORT + UART_LSR) & LSR_THRE); n--)
-        ;
-    outb(COM1_PORT, (u8)c);
-}
-static void puts(const char *s)
-{
-    while (*s)
-        putc(*s++);
-}
-static void put_dec(u64 v)
-{
-    char digits[20];
-    int n = 0;
-    do {
-        digits[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        putc(digits[--n]);
-}
-static void put_hex32(u32 v)
-{
-    puts("0x");
-    for (int shift = 28; shift >= 0; shift -= 4)
-        putc("0123456789abcdef"[(v >> shift) & 0xF]);
-}
-static void put_kv(const char *key, u64 v)
-{
-    putc(' ');
-    puts(key);
-    putc('=');
-    put_dec(v);
-}
-static void put_word(const char *s)
-{
-    while (*s && *s != ' ')
-        putc(*s++);
-}
-
 /* --------------------------------------------------------- descriptor tables */
-
-struct dtr {
-    u16 limit;
-    u64 base;
-} __attribute__((packed));
-
-struct gate64 {
-    u64 lo, hi;
-};
 
 static struct gate64 idt[256] __attribute__((aligned(16)));
 
-static struct gate64 gate(u64 offset) /* P, DPL0, 64-bit interrupt gate into KERNEL_CS */
-{
-    struct gate64 g = {
-        (offset & 0xFFFF) | ((u64)KERNEL_CS << 16) | (0x8EUL << 40) | (((offset >> 16) & 0xFFFF) << 48),
-        offset >> 32,
-    };
-    return g;
-}
-
 static void setup_idt(void)
 {
-    for (int v = 0; v < 32; v++)
-        idt[v] = gate(exitmix_isr_table[v]);
-    idt[TIMER_VECTOR] = gate((uptr)exitmix_timer_isr);
-    idt[IPI_VECTOR] = gate((uptr)exitmix_ipi_isr);
-    idt[SPURIOUS_VECTOR] = gate((uptr)exitmix_spurious_isr);
-    struct dtr idtr = {sizeof(idt) - 1, (uptr)idt};
-    __asm__ volatile("lidt %0" : : "m"(idtr) : "memory");
+    for (int v = 0; v < 32; v++) /* P, DPL0, 64-bit interrupt gates */
+        idt[v] = gate64(long64_isr_table[v], 0x8E);
+    idt[TIMER_VECTOR] = gate64((uptr)exitmix_timer_isr, 0x8E);
+    idt[IPI_VECTOR] = gate64((uptr)exitmix_ipi_isr, 0x8E);
+    idt[SPURIOUS_VECTOR] = gate64((uptr)exitmix_spurious_isr, 0x8E);
+    load_idt(idt, sizeof(idt));
 }
 
 void __attribute__((noreturn)) exitmix_fault(const u64 *frame) /* vector, error, rip, cs, ... */
 {
-    puts("exitmix: error: CPU exception vector=");
-    put_dec(frame[0]);
-    puts(" error=");
-    put_hex32((u32)frame[1]);
-    puts(" rip=");
-    put_hex32((u32)frame[2]);
-    putc('\n');
+    rt_puts("exitmix: error: CPU exception vector=");
+    rt_put_dec(frame[0]);
+    rt_puts(" error=");
+    rt_put_hex32((u32)frame[1]);
+    rt_puts(" rip=");
+    rt_put_hex32((u32)frame[2]);
+    rt_putc('\n');
     guest_exit(1);
-}
-
-/* -------------------------------------------------------------- CRC-32 */
-
-static u32 crc_table[256];
-
-static void crc_init(void)
-{
-    for (u32 n = 0; n < 256; n++) {
-        u32 c = n;
-        for (int b = 0; b < 8; b++)
-            c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        crc_table[n] = c;
-    }
-}
-
-static u32 crc32(const volatile u8 *p, u32 len) /* zlib.crc32(data) */
-{
-    u32 c = 0xFFFFFFFFu;
-    while (len--)
-        c = crc_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
-    return c ^ 0xFFFFFFFFu;
 }
 
 /* ------------------------------------------------------------- the work */
 
-struct desc {
-    u32 seq, buf_gpa, len, result_gpa;
-};
-
 static struct desc descs[SLOTS] __attribute__((aligned(16)));
-static u8 bufs[SLOTS][CMD_LEN] __attribute__((aligned(16)));
-static u32 expected[SLOTS];
 static u32 sent, completed, syscalls, stalled;
 
 static u32 dirty_status(void) { return *(volatile u32 *)phys(DIRTY_GPA); }
@@ -258,7 +128,7 @@ static void send_command(void)
     volatile struct desc *d =
         cfg.design == DIRTY ? (volatile struct desc *)phys(DIRTY_RING_GPA) + slot : &descs[slot];
     d->seq = k;
-    d->buf_gpa = gpa(bufs[slot]);
+    d->buf_gpa = gpa(cmd_bufs[slot]);
     d->len = CMD_LEN;
     d->result_gpa = RESULTS_GPA + 4 * k;
     barrier();
@@ -302,38 +172,9 @@ static u32 cpu_work(u32 x, u32 rounds)
 
 /* ------------------------------------------------------- the command line */
 
-static int starts_with(const char *s, const char *prefix, const char **rest)
-{
-    while (*prefix)
-        if (*s++ != *prefix++)
-            return 0;
-    *rest = s;
-    return 1;
-}
-static int is_end(char c) { return c == 0 || c == ' '; }
-static int parse_u32(const char *s, u32 *out)
-{
-    u32 v = 0;
-    if (is_end(*s))
-        return 0;
-    for (; !is_end(*s); s++) {
-        u32 digit = (u32)(*s - '0');
-        if (digit > 9 || v > (0xFFFFFFFFu - digit) / 10)
-            return 0;
-        v = v * 10 + digit;
-    }
-    *out = v;
-    return 1;
-}
-static int word_is(const char *s, const char *word)
-{
-    while (*word)
-        if (*s++ != *word++)
-            return 0;
-    return is_end(*s);
-}
+#define USAGE "design=pio|mmio|dirty units=N work=N io=N sys=N ipi=N tick=N halt=N"
 
-static int parse_cmdline(const char *line)
+static int take_word(const char *p) /* 0: a known key with a bad value */
 {
     static const struct {
         const char *key;
@@ -341,33 +182,14 @@ static int parse_cmdline(const char *line)
     } keys[] = {{"units=", &cfg.units}, {"work=", &cfg.work}, {"io=", &cfg.io},
                 {"sys=", &cfg.sys},     {"ipi=", &cfg.ipi},   {"tick=", &cfg.tick},
                 {"halt=", &cfg.halt}};
-    if (!line)
-        return 1;
-    for (const char *p = line; *p; p++) {
-        if (p != line && p[-1] != ' ')
-            continue;
-        const char *v;
-        int ok = 1;
-        if (starts_with(p, "design=", &v)) {
-            u32 d;
-            for (d = 0; d < NDESIGNS && !word_is(v, design_names[d]); d++)
-                ;
-            ok = d < NDESIGNS;
-            if (ok)
-                cfg.design = d;
-        } else {
-            for (u32 i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
-                if (starts_with(p, keys[i].key, &v))
-                    ok = parse_u32(v, keys[i].value);
-        }
-        if (!ok) {
-            puts("exitmix: error: bad argument '");
-            put_word(p);
-            puts("' (design=pio|mmio|dirty units=N work=N io=N sys=N ipi=N tick=N halt=N)\n");
-            return 0;
-        }
-    }
-    return 1;
+    const char *v;
+    if (starts_with(p, "design=", &v))
+        return parse_choice(v, design_names, NDESIGNS, &cfg.design);
+    int ok = 1;
+    for (u32 i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+        if (starts_with(p, keys[i].key, &v))
+            ok = parse_u32(v, keys[i].value);
+    return ok;
 }
 
 /* ---------------------------------------------------------------- entry */
@@ -375,25 +197,20 @@ static int parse_cmdline(const char *line)
 void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
 {
     setup_idt();
-    if (!parse_cmdline(cmdline_gpa ? phys(cmdline_gpa) : 0))
+    if (!parse_args(cmdline_gpa, take_word, "exitmix", USAGE))
         guest_exit(1);
     u64 cmds = (u64)cfg.units * cfg.io;
     if (cmds > MAX_CMDS || (mem_upper_kib != 0xFFFFFFFFu && cmds &&
                             RESULTS_GPA + 4 * cmds > 0x100000 + (u64)mem_upper_kib * 1024)) {
-        puts("exitmix: error: units * io = ");
-        put_dec(cmds);
-        puts(" commands do not fit\n");
+        rt_puts("exitmix: error: units * io = ");
+        rt_put_dec(cmds);
+        rt_puts(" commands do not fit\n");
         guest_exit(1);
     }
-    crc_init();
-    for (u32 s = 0; s < SLOTS; s++) {
-        for (u32 i = 0; i < CMD_LEN; i++)
-            bufs[s][i] = (u8)(s * 7 + i);
-        expected[s] = crc32(bufs[s], CMD_LEN);
-    }
+    cmd_init();
     volatile u32 *results = phys(RESULTS_GPA);
     for (u32 k = 0; k < cmds; k++)
-        results[k] = ~expected[k % SLOTS];
+        results[k] = ~cmd_expected[k % SLOTS];
     if (cfg.design == DIRTY)
         *(volatile u32 *)phys(DIRTY_GPA + 4) = 0;
 
@@ -448,27 +265,19 @@ void __attribute__((noreturn)) exitmix_main(u32 cmdline_gpa, u32 mem_upper_kib)
     }
     u32 bad = 0;
     for (u32 k = 0; k < sent; k++)
-        bad += results[k] != expected[k % SLOTS];
+        bad += results[k] != cmd_expected[k % SLOTS];
 
-    puts("exitmix design=");
-    puts(design_names[cfg.design]);
-    put_kv("units", cfg.units);
-    put_kv("work", cfg.work);
-    put_kv("io", cfg.io);
-    put_kv("sys", cfg.sys);
-    put_kv("ipi", cfg.ipi);
-    put_kv("tick", cfg.tick);
-    put_kv("halt", cfg.halt);
-    put_kv("sent", sent);
-    put_kv("completed", completed);
-    put_kv("ticks", exitmix_ticks);
-    put_kv("ipis", exitmix_ipis);
-    put_kv("spurious", exitmix_spurious);
-    put_kv("tsc_aux", aux);
-    put_kv("bad", bad);
-    puts(" sum=");
-    put_hex32(x);
-    putc('\n');
+    const struct kv fields[] = {
+        {"units", cfg.units},  {"work", cfg.work},           {"io", cfg.io},
+        {"sys", cfg.sys},      {"ipi", cfg.ipi},             {"tick", cfg.tick},
+        {"halt", cfg.halt},    {"sent", sent},               {"completed", completed},
+        {"ticks", exitmix_ticks}, {"ipis", exitmix_ipis},    {"spurious", exitmix_spurious},
+        {"tsc_aux", aux},      {"bad", bad},
+    };
+    rt_put_result("exitmix", design_names[cfg.design], fields, sizeof(fields) / sizeof(fields[0]));
+    rt_puts(" sum=");
+    rt_put_hex32(x);
+    rt_putc('\n');
     int ok = sent == cmds && completed == cmds && bad == 0 && exitmix_ipis == (u64)cfg.units * cfg.ipi &&
              aux == cfg.units * cfg.sys;
     guest_exit(ok ? 0 : 1);

@@ -5,8 +5,10 @@
  *     gcc -m64 -ffreestanding -fno-pic -fno-stack-protector -nostdlib -O2
  *         -mno-red-zone -mgeneral-regs-only -c
  * and linked with iobench.s, which boots through multiboot in 32-bit mode (with
- * lib.inc), switches to long mode (4 GiB identity-mapped with 2 MiB pages) and
- * calls iobench_main at ring 0.  Why 64-bit: on this project's KVM host (KVM on
+ * lib.inc), switches to long mode (lib/long64.inc: 4 GiB identity-mapped with
+ * 2 MiB pages) and calls iobench_main at ring 0, and with the guests' C runtime
+ * (lib/rt.c: serial output, command-line words, IDT/TSS; lib/cmd.c: the command
+ * data and CRC-32).  Why 64-bit: on this project's KVM host (KVM on
  * PVM) only 64-bit ring-3 code runs natively; all other guest code, 32-bit
  * ring 3 included, goes through KVM's instruction emulator (~2M instr/s).
  *
@@ -56,33 +58,11 @@
  * starting "iobench: error:" and exit with value 1.
  */
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
-typedef unsigned long uptr;
-
-/* CR4.OSFXSR stays clear: no SSE code, ever (the build says so too). */
-#pragma GCC target("general-regs-only")
+#include "lib/cmd.h"
 
 /* ------------------------------------------------------------ constants */
 
-#define COM1_PORT 0x3F8
-#define UART_LSR 5
-#define LSR_THRE 0x20
-#define THRE_POLL_LIMIT 0xFFFF
-#define EXIT_PORT 0xF4
-
-#define PIO_STATUS_PORT 0x520
-#define PIO_DOORBELL_PORT 0x524
-#define MMIO_STATUS_GPA 0xD0000000
-#define MMIO_DOORBELL_GPA 0xD0000004
-#define DIRTY_GPA 0xD0100000         /* +0 STATUS, +4 PRODUCER */
-#define DIRTY_RING_GPA 0xD0101000    /* 256 descriptor slots of 16 bytes */
-#define RESULTS_GPA 0x01000000       /* u32 results[w] */
 #define LATENCY_GPA 0x01800000       /* u32 latency_tsc[w] */
-#define SLOTS 256
-#define CMD_LEN 64
 #define MAX_W 2000000
 #define DEFAULT_R 1000000
 #define DEFAULT_W 30000
@@ -109,14 +89,7 @@ EXPORT(DEFAULT_W);
 EXPORT(DEFAULT_CPL);
 EXPORT(DEFAULT_MAXWAIT);
 
-/* iobench_gdt in iobench.s: 64-bit code 0x08, data 0x10 (ring 0); 64-bit
- * code 0x28, data 0x30 (ring 3); the 64-bit TSS at 0x38, filled in here. */
-#define KERNEL_CS 0x08
-#define USER_CS (0x28 | 3)
-#define TSS_SEL 0x38
 #define HALT_VECTOR 0x80
-
-
 #define NEVER 0xFFFFFFFFu /* no loop iteration has this number (i < r <= 2^32 - 1) */
 
 enum design { PIO, MMIO, COALESCED, DIRTY, LOOPBACK, SELFTEST, NDESIGNS };
@@ -124,211 +97,56 @@ static const char *const design_names[NDESIGNS] = {
     "pio", "mmio", "coalesced", "dirty", "loopback", "selftest",
 };
 
-/* ------------------------------------------------------------ CPU helpers */
-
-#define barrier() __asm__ volatile("" ::: "memory")
-
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port)
-{
-    u8 v;
-    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory"); }
-static inline u32 inl(u16 port)
-{
-    u32 v;
-    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
-static inline u64 rdtsc(void)
-{
-    u32 lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return ((u64)hi << 32) | lo;
-}
-
-/* A pointer to a guest-physical address (the first 4 GiB are identity-mapped).
- * Laundered through an empty asm so the compiler treats it as an unknown
- * object, not as "an array at a constant address". */
-static inline void *phys(u32 addr)
-{
-    void *p;
-    __asm__("" : "=r"(p) : "0"((uptr)addr));
-    return p;
-}
-
-static inline u32 gpa(const volatile void *p) { return (u32)(uptr)p; }
-
 /* Leave through isa-debug-exit; from ring 3 `hlt` would fault, so ask ring 0
  * (int 0x80, a DPL3 gate to iobench_halt) to halt if the VMM keeps running. */
 static void __attribute__((noreturn)) guest_exit(u32 value)
 {
-    barrier(); /* every result and latency store is done before the exit */
-    __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"((u16)EXIT_PORT) : "memory");
+    debug_exit(value);
     for (;;)
         __asm__ volatile("int %0" : : "i"(HALT_VECTOR));
 }
 
-/* -------------------------------------------------------------- serial */
-
-static void putc(char c)
-{
-    for (u32 n = THRE_POLL_LIMIT; n && !(inb(COM1_PORT + UART_LSR) & LSR_THRE); n--)
-        ;
-    outb(COM1_PORT, (u8)c);
-}
-
-static void puts(const char *s)
-{
-    while (*s)
-        putc(*s++);
-}
-
-static void put_dec(u32 v)
-{
-    char digits[10];
-    int n = 0;
-    do {
-        digits[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        putc(digits[--n]);
-}
-
-static void put_hex32(u32 v)
-{
-    puts("0x");
-    for (int shift = 28; shift >= 0; shift -= 4)
-        putc("0123456789abcdef"[(v >> shift) & 0xF]);
-}
-
-static void put_kv(const char *key, u32 v)
-{
-    putc(' ');
-    puts(key);
-    putc('=');
-    put_dec(v);
-}
-
-static void put_word(const char *s) /* up to the next space or the end */
-{
-    while (*s && *s != ' ')
-        putc(*s++);
-}
-
 /* --------------------------------------------------------- descriptor tables */
-
-struct dtr {
-    u16 limit;
-    u64 base;
-} __attribute__((packed));
-
-struct tss64 {
-    u32 reserved0;
-    u64 rsp0, rsp1, rsp2, reserved1, ist[7], reserved2;
-    u16 reserved3, iomap_base;
-    u8 iomap[65536 / 8 + 1]; /* all ports allowed; the extra byte must be 0xFF */
-} __attribute__((packed));
-
-struct gate64 {
-    u64 lo, hi;
-};
 
 static struct gate64 idt[HALT_VECTOR + 1] __attribute__((aligned(16)));
 static struct tss64 tss __attribute__((aligned(16)));
 
-extern u64 iobench_gdt[];
-extern char iobench_kstack_top[], iobench_ustack_top[];
-extern const u64 iobench_isr_table[32];
+extern char iobench_ustack_top[];
 extern char iobench_halt[];
 void __attribute__((noreturn)) iobench_enter_user(void (*entry)(void), void *stack);
 
-static struct gate64 gate(u64 offset, u32 type) /* 64-bit gate into KERNEL_CS */
-{
-    struct gate64 g = {
-        (offset & 0xFFFF) | ((u64)KERNEL_CS << 16) | ((u64)type << 40) | (((offset >> 16) & 0xFFFF) << 48),
-        offset >> 32,
-    };
-    return g;
-}
-
-/* A 64-bit TSS whose rsp0 gives ring-3 exceptions a kernel stack, and an IDT
- * for the exceptions and int 0x80.  Loaded at ring 0 whatever cpl= says (the
- * IDT reports faults in both).
- *
- * The TSS carries an I/O bitmap that allows every port.  With EFLAGS.IOPL = 3
- * a CPU never looks at it, but on KVM-on-PVM ring-3 guest code runs on the
- * hardware with the host's IOPL (0): each IN/OUT traps into KVM, whose
- * emulator then sees IOPL 0 and consults the guest's TSS bitmap.  Without the
- * bitmap (iomap_base beyond the limit) ring-3 port I/O got #GP there. */
+/* An IDT for the exceptions and int 0x80, and a 64-bit TSS whose rsp0 gives
+ * ring-3 exceptions a kernel stack and whose I/O bitmap allows every port (see
+ * tss_load in lib/rt.h).  Loaded at ring 0 whatever cpl= says (the IDT reports
+ * faults in both). */
 static void setup_cpu_tables(void)
 {
-    u64 base = (uptr)&tss, limit = sizeof(tss) - 1;
-    tss.rsp0 = (uptr)iobench_kstack_top;
-    tss.iomap_base = __builtin_offsetof(struct tss64, iomap);
-    tss.iomap[sizeof(tss.iomap) - 1] = 0xFF;
-    iobench_gdt[TSS_SEL >> 3] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89UL << 40) |
-                                (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
-    iobench_gdt[(TSS_SEL >> 3) + 1] = base >> 32; /* P, DPL0, 64-bit TSS (available) */
-
     for (int v = 0; v < 32; v++)
-        idt[v] = gate(iobench_isr_table[v], 0x8E);     /* P, DPL0, interrupt gate */
-    idt[HALT_VECTOR] = gate((uptr)iobench_halt, 0xEE); /* P, DPL3: callable from ring 3 */
-
-    struct dtr idtr = {sizeof(idt) - 1, (uptr)idt};
-    __asm__ volatile("lidt %0\n\tltr %w1" : : "m"(idtr), "r"(TSS_SEL) : "memory");
+        idt[v] = gate64(long64_isr_table[v], 0x8E);      /* P, DPL0, interrupt gate */
+    idt[HALT_VECTOR] = gate64((uptr)iobench_halt, 0xEE); /* P, DPL3: callable from ring 3 */
+    load_idt(idt, sizeof(idt));
+    tss_load(&tss, long64_kstack_top);
 }
 
 /* Called by the exception stubs in iobench.s, at ring 0. */
 void __attribute__((noreturn)) iobench_fault(const u64 *frame) /* vector, error, rip, cs, ... */
 {
-    puts("iobench: error: CPU exception vector=");
-    put_dec((u32)frame[0]);
-    puts(" error=");
-    put_hex32((u32)frame[1]);
-    puts(" rip=");
-    put_hex32((u32)frame[2]);
-    puts(" cs=");
-    put_hex32((u32)frame[3] & 0xFFFF);
-    putc('\n');
+    rt_puts("iobench: error: CPU exception vector=");
+    rt_put_dec((u32)frame[0]);
+    rt_puts(" error=");
+    rt_put_hex32((u32)frame[1]);
+    rt_puts(" rip=");
+    rt_put_hex32((u32)frame[2]);
+    rt_puts(" cs=");
+    rt_put_hex32((u32)frame[3] & 0xFFFF);
+    rt_putc('\n');
     guest_exit(1);
-}
-
-/* -------------------------------------------------------------- CRC-32 */
-
-static u32 crc_table[256];
-
-static void crc_init(void)
-{
-    for (u32 n = 0; n < 256; n++) {
-        u32 c = n;
-        for (int b = 0; b < 8; b++)
-            c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        crc_table[n] = c;
-    }
-}
-
-static u32 crc32(const volatile u8 *p, u32 len) /* zlib.crc32(data) */
-{
-    u32 c = 0xFFFFFFFFu;
-    while (len--)
-        c = crc_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
-    return c ^ 0xFFFFFFFFu;
 }
 
 /* ------------------------------------------------------------- the state */
 
-struct desc {
-    u32 seq, buf_gpa, len, result_gpa;
-};
-
 static struct desc descs[SLOTS] __attribute__((aligned(16)));
-static u8 bufs[SLOTS][CMD_LEN] __attribute__((aligned(16)));
 static u64 sent_tsc[SLOTS];
-static u32 expected[SLOTS]; /* CRC-32 of command k's data, k % 256: it depends on k * 7 mod 256 */
 
 static struct {
     u32 design, r, w, cpl, maxwait;
@@ -364,7 +182,7 @@ static u32 __attribute__((noinline)) lb_status(void)
     if (lb.head != lb.tail) {
         const volatile struct desc *d = phys(lb.queue[lb.head++ % SLOTS]);
         u32 seq = d->seq, buf = d->buf_gpa, len = d->len, result = d->result_gpa;
-        if (seq < cfg.w && len == CMD_LEN && buf == gpa(bufs[seq % SLOTS]) &&
+        if (seq < cfg.w && len == CMD_LEN && buf == gpa(cmd_bufs[seq % SLOTS]) &&
             result == RESULTS_GPA + 4 * seq) {
             u32 crc = crc32(phys(buf), len);
             *(volatile u32 *)phys(result) = seq == lb.completed ? crc : ~crc;
@@ -397,7 +215,7 @@ static inline __attribute__((always_inline)) void publish(const enum design d, u
     u32 slot = k % SLOTS;
     volatile struct desc *ds = d == DIRTY ? (volatile struct desc *)phys(DIRTY_RING_GPA) + slot : &descs[slot];
     ds->seq = k;
-    ds->buf_gpa = gpa(bufs[slot]);
+    ds->buf_gpa = gpa(cmd_bufs[slot]);
     ds->len = CMD_LEN;
     ds->result_gpa = RESULTS_GPA + 4 * k;
     sent_tsc[slot] = rdtsc();
@@ -509,9 +327,9 @@ static u32 check_cpu_state(void)
     u64 cs;
     __asm__ volatile("mov %%cs, %0" : "=r"(cs));
     if ((cs & 3) != cfg.cpl) {
-        puts("iobench: error: running with cs=");
-        put_hex32((u32)cs & 0xFFFF);
-        putc('\n');
+        rt_puts("iobench: error: running with cs=");
+        rt_put_hex32((u32)cs & 0xFFFF);
+        rt_putc('\n');
         return 0;
     }
     return 1;
@@ -519,17 +337,18 @@ static u32 check_cpu_state(void)
 
 static void summary(u32 bad)
 {
-    puts("iobench design=");
-    puts(design_names[cfg.design]);
-    put_kv("r", cfg.r);
-    put_kv("w", cfg.w);
-    put_kv("cpl", cfg.cpl);
-    put_kv("sent", S.sent);
-    put_kv("completed", S.completed);
-    put_kv("stall_reads", S.stall_reads);
-    put_kv("drain_reads", S.drain_reads);
-    put_kv("bad_results", bad);
-    putc('\n');
+    const struct kv fields[] = {
+        {"r", cfg.r},
+        {"w", cfg.w},
+        {"cpl", cfg.cpl},
+        {"sent", S.sent},
+        {"completed", S.completed},
+        {"stall_reads", S.stall_reads},
+        {"drain_reads", S.drain_reads},
+        {"bad_results", bad},
+    };
+    rt_put_result("iobench", design_names[cfg.design], fields, sizeof(fields) / sizeof(fields[0]));
+    rt_putc('\n');
 }
 
 static u32 selftest(void)
@@ -540,12 +359,12 @@ static u32 selftest(void)
         for (u32 i = 0; i < CMD_LEN; i++)
             data[i] = (u8)(k * 7 + i);
         u32 crc = crc32(data, CMD_LEN);
-        bad += crc != expected[k % SLOTS] || crc32(bufs[k % SLOTS], CMD_LEN) != crc;
-        puts("iobench selftest k=");
-        put_dec(k);
-        puts(" crc=");
-        put_hex32(crc);
-        putc('\n');
+        bad += crc != cmd_expected[k % SLOTS] || crc32(cmd_bufs[k % SLOTS], CMD_LEN) != crc;
+        rt_puts("iobench selftest k=");
+        rt_put_dec(k);
+        rt_puts(" crc=");
+        rt_put_hex32(crc);
+        rt_putc('\n');
     }
     summary(bad);
     return bad ? 1 : 0;
@@ -556,12 +375,7 @@ static u32 run(void)
 {
     if (!check_cpu_state())
         return 1;
-    crc_init();
-    for (u32 s = 0; s < SLOTS; s++) {
-        for (u32 i = 0; i < CMD_LEN; i++)
-            bufs[s][i] = (u8)(s * 7 + i); /* (k * 7 + i) & 0xFF for every k == s mod 256 */
-        expected[s] = crc32(bufs[s], CMD_LEN);
-    }
+    cmd_init();
     if (cfg.design == SELFTEST)
         return selftest();
 
@@ -569,7 +383,7 @@ static u32 run(void)
     volatile u32 *results = phys(RESULTS_GPA);
     u32 *latency = phys(LATENCY_GPA);
     for (u32 k = 0; k < cfg.w; k++) {
-        results[k] = ~expected[k % SLOTS];
+        results[k] = ~cmd_expected[k % SLOTS];
         latency[k] = 0;
     }
     if (cfg.design == DIRTY)
@@ -600,7 +414,7 @@ static u32 run(void)
 
     u32 bad = S.bogus;
     for (u32 k = 0; k < S.sent; k++)
-        bad += results[k] != expected[k % SLOTS];
+        bad += results[k] != cmd_expected[k % SLOTS];
     summary(bad);
     return S.sent == cfg.w && S.completed == cfg.w && bad == 0 ? 0 : 1;
 }
@@ -612,76 +426,27 @@ static void __attribute__((noreturn, used)) user_main(void)
 
 /* ------------------------------------------------------- the command line */
 
-static int starts_with(const char *s, const char *prefix, const char **rest)
-{
-    while (*prefix)
-        if (*s++ != *prefix++)
-            return 0;
-    *rest = s;
-    return 1;
-}
+#define USAGE "design=pio|mmio|coalesced|dirty|loopback|selftest r=N w=N cpl=0|3 maxwait=N"
 
-static int is_end(char c) { return c == 0 || c == ' '; }
-
-static int parse_u32(const char *s, u32 *out)
+static int take_word(const char *p) /* 0: a known key with a bad value */
 {
-    u32 v = 0;
-    if (is_end(*s))
-        return 0;
-    for (; !is_end(*s); s++) {
-        u32 digit = (u32)(*s - '0');
-        if (digit > 9 || v > (0xFFFFFFFFu - digit) / 10)
-            return 0;
-        v = v * 10 + digit;
+    const char *v;
+    if (starts_with(p, "design=", &v))
+        return parse_choice(v, design_names, NDESIGNS, &cfg.design);
+    if (starts_with(p, "r=", &v))
+        return parse_u32(v, &cfg.r);
+    if (starts_with(p, "w=", &v))
+        return parse_u32(v, &cfg.w);
+    if (starts_with(p, "cpl=", &v)) {
+        u32 c = 0;
+        int ok = parse_u32(v, &c) && (c == 0 || c == 3);
+        if (ok)
+            cfg.cpl = c;
+        return ok;
     }
-    *out = v;
-    return 1;
-}
-
-static int word_is(const char *s, const char *word)
-{
-    while (*word)
-        if (*s++ != *word++)
-            return 0;
-    return is_end(*s);
-}
-
-static int parse_cmdline(const char *line)
-{
-    if (!line)
-        return 1;
-    for (const char *p = line; *p; p++) {
-        if (p != line && p[-1] != ' ')
-            continue; /* not the start of a word */
-        const char *v;
-        int ok = 1;
-        if (starts_with(p, "design=", &v)) {
-            u32 d;
-            for (d = 0; d < NDESIGNS && !word_is(v, design_names[d]); d++)
-                ;
-            ok = d < NDESIGNS;
-            if (ok)
-                cfg.design = d;
-        } else if (starts_with(p, "r=", &v)) {
-            ok = parse_u32(v, &cfg.r);
-        } else if (starts_with(p, "w=", &v)) {
-            ok = parse_u32(v, &cfg.w);
-        } else if (starts_with(p, "cpl=", &v)) {
-            u32 c = 0;
-            ok = parse_u32(v, &c) && (c == 0 || c == 3);
-            if (ok)
-                cfg.cpl = c;
-        } else if (starts_with(p, "maxwait=", &v)) {
-            ok = parse_u32(v, &cfg.maxwait);
-        }
-        if (!ok) {
-            puts("iobench: error: bad argument '");
-            put_word(p);
-            puts("' (design=pio|mmio|coalesced|dirty|loopback|selftest r=N w=N cpl=0|3 maxwait=N)\n");
-            return 0;
-        }
-    }
-    return 1;
+    if (starts_with(p, "maxwait=", &v))
+        return parse_u32(v, &cfg.maxwait);
+    return 1; /* not ours */
 }
 
 /* ---------------------------------------------------------------- entry */
@@ -690,27 +455,27 @@ static int parse_cmdline(const char *line)
 void __attribute__((noreturn)) iobench_main(u32 cmdline_gpa, u32 mem_upper_kib)
 {
     setup_cpu_tables();
-    if (!parse_cmdline(cmdline_gpa ? phys(cmdline_gpa) : 0))
+    if (!parse_args(cmdline_gpa, take_word, "iobench", USAGE))
         guest_exit(1);
     if (cfg.w > MAX_W) {
-        puts("iobench: error: w=");
-        put_dec(cfg.w);
-        puts(" exceeds ");
-        put_dec(MAX_W);
-        putc('\n');
+        rt_puts("iobench: error: w=");
+        rt_put_dec(cfg.w);
+        rt_puts(" exceeds ");
+        rt_put_dec(MAX_W);
+        rt_putc('\n');
         guest_exit(1);
     }
     if (cfg.design != SELFTEST && cfg.w && mem_upper_kib != 0xFFFFFFFFu) {
         u64 top = 0x100000 + (u64)mem_upper_kib * 1024;
         u64 need = LATENCY_GPA + 4 * (u64)cfg.w;
         if (need > top) {
-            puts("iobench: error: w=");
-            put_dec(cfg.w);
-            puts(" needs guest RAM up to ");
-            put_hex32((u32)need);
-            puts(", have up to ");
-            put_hex32((u32)top);
-            putc('\n');
+            rt_puts("iobench: error: w=");
+            rt_put_dec(cfg.w);
+            rt_puts(" needs guest RAM up to ");
+            rt_put_hex32((u32)need);
+            rt_puts(", have up to ");
+            rt_put_hex32((u32)top);
+            rt_putc('\n');
             guest_exit(1);
         }
     }

@@ -10,13 +10,7 @@
 # `ld -m elf_i386 -Ttext 0x100000 --oformat binary`.
 
         .code64
-        .intel_syntax noprefix
-
-        .equ COM1_PORT,   0x3F8
-        .equ UART_THR,    0
-        .equ UART_LSR,    5
-        .equ LSR_THRE,    1 << 5
-        .equ EXIT_PORT,   0xF4
+        .include "lib/flat.inc"          # ports, EXIT0_HALT, PUTS_LOOP, FLAT_PUTC
 
         .text
         .globl start
@@ -25,37 +19,10 @@ start:
         cld
         lea     rsp, [rip + stack_top]
         lea     rsi, [rip + msg]
-1:
-        lodsb
-        test    al, al
-        jz      2f
-        call    putc
-        jmp     1b
-2:
-        mov     dx, EXIT_PORT
-        xor     eax, eax                # exit value 0
-        out     dx, eax
-3:
-        cli
-        hlt
-        jmp     3b
+        PUTS_LOOP
+        EXIT0_HALT cli=1
 
-# putc: write AL to COM1 once the transmit holding register is empty.
-putc:
-        push    rax
-        push    rdx
-        mov     dx, COM1_PORT + UART_LSR
-1:
-        in      al, dx
-        test    al, LSR_THRE
-        jz      1b
-        pop     rdx
-        pop     rax
-        push    rdx
-        mov     dx, COM1_PORT + UART_THR
-        out     dx, al
-        pop     rdx
-        ret
+        FLAT_PUTC rax, rdx
 
 msg:    .asciz "long mode ok\n"
 

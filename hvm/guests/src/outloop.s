@@ -24,13 +24,7 @@ main:
         dec     ecx
         jnz     1b
 2:
-        mov     esi, OFFSET msg_done
-        call    puts
-        mov     eax, ebx
-        call    put_dec
-        call    newline
-        xor     eax, eax
-        ret
+        RETURN_DONE msg_done            # "outloop done N\n", exit value 0
 
         .section .rodata
 msg_done:       .asciz "outloop done "

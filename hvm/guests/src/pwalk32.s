@@ -6,8 +6,7 @@
 # 32-bit LCG, Numerical Recipes' constants; bits 31:10 pick the page). Then 0 to isa-debug-exit.
 
         .code32
-        .intel_syntax noprefix
-        .equ EXIT_PORT, 0xF4
+        .include "lib/flat.inc"          # EXIT_PORT, EXIT0_HALT
 
         .text
         .globl start
@@ -24,11 +23,6 @@ start:
         add     ebp, [edi + edx]
         dec     ecx
         jnz     1b
-        mov     dx, EXIT_PORT
-        xor     eax, eax
-        out     dx, eax
-2:
-        hlt
-        jmp     2b
+        EXIT0_HALT
 
         .section .note.GNU-stack, "", @progbits

@@ -12,8 +12,7 @@
 # Runs at CPL 0 or CPL 3 (with IOPL 3 for the OUT).
 
         .code64
-        .intel_syntax noprefix
-        .equ EXIT_PORT, 0xF4
+        .include "lib/flat.inc"          # EXIT_PORT, EXIT0_HALT
 
         .text
         .globl start
@@ -32,11 +31,6 @@ start:
         add     r10, [rdi + rdx]
         dec     rcx
         jnz     1b
-        mov     dx, EXIT_PORT
-        xor     eax, eax
-        out     dx, eax
-2:
-        hlt
-        jmp     2b
+        EXIT0_HALT
 
         .section .note.GNU-stack, "", @progbits

@@ -9,13 +9,7 @@
 # `ld -m elf_i386 -Ttext 0x7c00 --oformat binary`.
 
         .code16
-        .intel_syntax noprefix
-
-        .equ COM1_PORT,   0x3F8
-        .equ UART_THR,    0
-        .equ UART_LSR,    5
-        .equ LSR_THRE,    1 << 5
-        .equ EXIT_PORT,   0xF4
+        .include "lib/flat.inc"          # ports, EXIT0_HALT, PUTS_LOOP, FLAT_PUTC
 
         .text
         .globl start
@@ -30,37 +24,10 @@ start:
 1:
         cld
         mov     si, OFFSET msg
-2:
-        lodsb
-        test    al, al
-        jz      3f
-        call    putc
-        jmp     2b
-3:
-        mov     dx, EXIT_PORT
-        xor     eax, eax                # exit value 0
-        out     dx, eax
-4:
-        cli
-        hlt
-        jmp     4b
+        PUTS_LOOP
+        EXIT0_HALT cli=1
 
-# putc: write AL to COM1 once the transmit holding register is empty.
-putc:
-        push    ax
-        push    dx
-        mov     dx, COM1_PORT + UART_LSR
-1:
-        in      al, dx
-        test    al, LSR_THRE
-        jz      1b
-        pop     dx
-        pop     ax
-        push    dx
-        mov     dx, COM1_PORT + UART_THR
-        out     dx, al
-        pop     dx
-        ret
+        FLAT_PUTC ax, dx
 
 msg:    .asciz "real mode ok\n"
 

@@ -62,13 +62,7 @@ main:
         call    puts
         call    put_dec
         call    newline
-        mov     esi, OFFSET msg_done
-        call    puts
-        mov     eax, ebx
-        call    put_dec
-        call    newline
-        xor     eax, eax
-        ret
+        RETURN_DONE msg_done            # "syscalls done N\n", exit value 0
 
         .section .rodata
 msg_rdtscp_yes: .asciz "rdtscp yes\n"

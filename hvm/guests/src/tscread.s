@@ -60,13 +60,7 @@ main:
 5:
         pop     ebx
 4:
-        mov     esi, OFFSET msg_done
-        call    puts
-        mov     eax, ebx
-        call    put_dec
-        call    newline
-        xor     eax, eax
-        ret
+        RETURN_DONE msg_done            # "tscread done N\n", exit value 0
 
         .section .rodata
 msg_done:       .asciz "tscread done "
