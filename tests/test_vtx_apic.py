@@ -412,3 +412,17 @@ def test_periodic_expirations_do_not_depend_on_when_time_is_observed(count, dcr,
     # Each period is count * divisor bus cycles of 1 ns at 1 GHz, i.e. that many ns of TSC time.
     period_ns = count * timer_divisor(dcr)
     assert total == end * 10**9 // tsc_hz // period_ns
+
+
+def test_x2apic_registers_on_the_page_for_a_virtual_apic_page() -> None:
+    # The register page doubles as a virtual-APIC page, which SDM Vol. 3C 30.5 reads 8 bytes at a time
+    # at (MSR & FFH) << 4. Entering x2APIC mode puts the 32-bit x2APIC ID in the ID register and the
+    # logical x2APIC ID in the LDR (SDM 11.12.5.1, 11.12.10.2: (ID[19:4] << 16) | 1 << ID[3:0]); the
+    # 64-bit ICR (11.12.9) reads back whole from offset 300H.
+    apic = LocalApic(apic_id=0x23)
+    apic.wrmsr(A.MSR_APIC_BASE, apic.base | A.APIC_BASE_EXTD)
+    page = bytes(apic.page)
+    assert int.from_bytes(page[0x20:0x24], "little") == 0x23 == apic.rdmsr(0x802)
+    assert int.from_bytes(page[0xD0:0xD4], "little") == 0x2_0008 == apic.rdmsr(0x80D)
+    apic.wrmsr(0x830, 7 << 32 | 0x50)  # fixed IPI, vector 0x50, to x2APIC ID 7 (not this one)
+    assert int.from_bytes(bytes(apic.page)[0x300:0x308], "little") == 7 << 32 | 0x50 == apic.rdmsr(0x830)

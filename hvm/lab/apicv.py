@@ -23,6 +23,13 @@ the run but the console's port I/O, over the N + M + 1 interrupts):
   fd (exits, irq_exits, irq_window_exits, halt_exits, irq_injections, mmio_exits, signal_exits,
   ...). On this host KVM runs on PVM: there is no APICv hardware under it, so "kernel" measures
   what an in-kernel APIC saves (the trips to userspace), not hardware interrupt virtualization.
+
+x2APIC rows (``apic_modes`` has ``x2apic``; rows carry ``apic_mode``): apictick with ``x2apic`` sets
+IA32_APIC_BASE.EXTD and reaches the APIC through its MSRs (SDM Vol. 3A 11.12). On the model, ``legacy``
+takes an RDMSR/WRMSR exit (31/32) per access; ``apicv`` sets "virtualize x2APIC mode" at the switch, as
+KVM does, and the MSR bitmap lets reads and TPR/EOI/SELF IPI writes through to the processor's
+virtualization (SDM Vol. 3C 30.5). On KVM only ``irqchip="kernel"`` runs it: without an in-kernel
+irqchip the VMM hides x2APIC from CPUID, and apictick refuses x2APIC mode there.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ FIGURES = [
 GUEST = "apictick"
 MEM = 32 << 20
 CASES = {"model": ("legacy", "apicv"), "kvm": ("user", "kernel")}
+APIC_MODES = ("xapic", "x2apic")
+#: Cases that cannot run in x2APIC mode: KVM's userspace APIC is xAPIC only (CPUID hides x2APIC).
+NO_X2APIC = {("kvm", "user")}
 KERNEL_KEYS = ("exits", "irq_exits", "irq_window_exits", "request_irq_exits", "halt_exits", "halt_wakeup",
                "irq_injections", "mmio_exits", "io_exits", "signal_exits", "insn_emulation")
 
@@ -63,7 +73,8 @@ def _model_has_apic() -> bool:
 APICTICK = re.compile(rb"apictick: ticks (\d+) ipis (\d+) spurious (\d+)")
 
 
-def run_case(engine: str, case: str, params: dict[str, Any], wait: str = "pause") -> Row:
+def run_case(engine: str, case: str, params: dict[str, Any], wait: str = "pause",
+             apic_mode: str = "xapic") -> Row:
     from hvm import guests
     from hvm.vmm.machine import Machine, MachineConfig
 
@@ -71,7 +82,8 @@ def run_case(engine: str, case: str, params: dict[str, Any], wait: str = "pause"
     machine = Machine(MachineConfig(engine=engine, mem_size=MEM, console=lambda b: None,
                                     engine_options=options))
     try:
-        args = f"n={params['ticks']} ipis={params['ipis']}" + (" hlt" if wait == "hlt" else "")
+        args = (f"n={params['ticks']} ipis={params['ipis']}" + (" hlt" if wait == "hlt" else "")
+                + (" x2apic" if apic_mode == "x2apic" else ""))
         machine.load(guests.image_path(GUEST), append=args)
         before = machine.engine.counters()
         result = machine.run(timeout=params.get("timeout", 300))
@@ -95,6 +107,7 @@ def run_case(engine: str, case: str, params: dict[str, Any], wait: str = "pause"
         "spurious": spurious,
         "interrupts": interrupts,
         "wait": wait,
+        "apic_mode": apic_mode,
         "wall_s": round(result.wall_s, 4),
         "exits_total": exits,
         "console_exits": console,
@@ -118,6 +131,9 @@ def run_case(engine: str, case: str, params: dict[str, Any], wait: str = "pause"
             modelled_overhead_cycles=counters.get("modelled_overhead_cycles", 0),
         )
     row["note"] = "" if ok else f"guest did not finish cleanly: {result.reason}"
+    if ok and apic_mode == "x2apic" and engine == "kvm":
+        row["note"] = ("irqchip=user is left out in x2APIC mode: without an in-kernel irqchip the VMM hides "
+                       "x2APIC from CPUID (CPUID.01H:ECX[21])")
     return row
 
 
@@ -131,11 +147,16 @@ def run(engine: str, params: dict[str, Any], progress: Progress) -> list[Row]:
     bad = [w for w in waits if w not in ("pause", "hlt")]
     if bad:
         raise ValueError(f"apicv: unknown wait {bad[0]!r} (pause, hlt)")
-    runs = [(wait, case) for wait in waits for case in cases]
+    modes = list(params.get("apic_modes", ["xapic"]))
+    bad = [m for m in modes if m not in APIC_MODES]
+    if bad:
+        raise ValueError(f"apicv: unknown apic mode {bad[0]!r} ({', '.join(APIC_MODES)})")
+    runs = [(wait, mode, case) for wait in waits for mode in modes for case in cases
+            if mode == "xapic" or (engine, case) not in NO_X2APIC]
     rows = []
-    for i, (wait, case) in enumerate(runs):
-        progress(i, len(runs), f"{engine}: {case}, waiting with {wait}")
-        rows.append(run_case(engine, case, params, wait))
+    for i, (wait, mode, case) in enumerate(runs):
+        progress(i, len(runs), f"{engine}: {case}, {mode}, waiting with {wait}")
+        rows.append(run_case(engine, case, params, wait, mode))
     progress(len(runs), len(runs), f"{engine}: done")
     return rows
 
@@ -146,14 +167,53 @@ def _top_kinds(row: Row) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:5]) or "none"
 
 
+def _mode(row: Row) -> str:
+    return row.get("apic_mode", "xapic")
+
+
+def _compare_x2apic(rows: list[Row], engine: str, wait: str) -> Comparison:
+    """The x2APIC rows of one engine and wait: model legacy vs apicv, KVM's in-kernel APIC alone."""
+    by = {(r["case"], _mode(r)): r for r in rows if r["engine"] == engine and r.get("wait") == wait}
+    label = f"{engine}, x2apic, {wait} wait"
+    slow, fast = CASES[engine]
+    b = by.get((fast, "x2apic"))
+    a = by.get((slow, "x2apic")) if engine == "model" else None
+    needed = (a, b) if engine == "model" else (b,)
+    if not all(r and r["ok"] for r in needed):
+        bad = next((r for r in needed if r and not r["ok"]), None)
+        return Comparison(FIGURES[0], label, None,
+                          f"not measured: {bad['note'] if bad else 'a case is missing'}")
+    if engine == "model":
+        assert a is not None and b is not None
+        why = (f"x2APIC mode through MSRs. {slow}: {a['exits_per_interrupt']} exits per interrupt "
+               f"({_top_kinds(a)}); {fast}: {b['exits_per_interrupt']} ({_top_kinds(b)}); modelled overhead "
+               f"{a['modelled_overhead_cycles']:,} vs {b['modelled_overhead_cycles']:,} cycles. With "
+               "\"virtualize x2APIC mode\" (SDM Vol. 3C 30.5) RDMSR of the APIC registers reads the "
+               "virtual-APIC page and WRMSR of TPR, EOI and SELF IPI is virtualized; the other writes (timer "
+               "setup, the ICR) still exit as WRMSR (32), the current-count read as RDMSR (31).")
+    else:
+        xapic = by.get((fast, "xapic"))
+        than = (f" (xAPIC page: {xapic['exits_per_interrupt']})" if xapic and xapic["ok"] else "")
+        kernel = b["kernel"]
+        why = (f"kernel, x2APIC mode: {b['exits_per_interrupt']} kernel-counted exits per interrupt{than}, "
+               f"{b['userspace_exits_per_interrupt']} to userspace; kernel counters: irq_injections "
+               f"{kernel.get('irq_injections')}, irq_window_exits {kernel.get('irq_window_exits')}. "
+               "irqchip=user has no x2APIC row: without an in-kernel irqchip the VMM hides x2APIC from "
+               "CPUID.")
+    return Comparison(FIGURES[0], label, b["exits_per_interrupt"], why)
+
+
 def compare(rows: list[Row]) -> list[Comparison]:
     out = []
     for engine in sorted({r["engine"] for r in rows}):
         slow, fast = CASES[engine]
         for wait in [w for w in ("pause", "hlt") if any(r.get("wait") == w for r in rows)]:
-            by = {r["case"]: r for r in rows if r["engine"] == engine and r.get("wait") == wait}
+            by = {r["case"]: r for r in rows
+                  if r["engine"] == engine and r.get("wait") == wait and _mode(r) == "xapic"}
             a, b = by.get(slow), by.get(fast)
             label = f"{engine}, {wait} wait"
+            if not by:
+                continue
             if not a or not b or not a["ok"] or not b["ok"]:
                 bad = next((r for r in (a, b) if r and not r["ok"]), None)
                 out.append(Comparison(FIGURES[0], label, None,
@@ -183,6 +243,10 @@ def compare(rows: list[Row]) -> list[Comparison]:
                        "without APICv: the in-kernel APIC removes the trips to userspace, the exits that "
                        "remain are the kernel's own." + idle)
             out.append(Comparison(FIGURES[0], label, b["exits_per_interrupt"], why))
+    for engine in sorted({r["engine"] for r in rows}):
+        for wait in ("pause", "hlt"):
+            if any(_mode(r) == "x2apic" for r in rows if r["engine"] == engine and r.get("wait") == wait):
+                out.append(_compare_x2apic(rows, engine, wait))
     return out
 
 
@@ -217,7 +281,8 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
         cmap = plt.get_cmap("tab10")
         for i, kind in enumerate(kinds):
             vals = [p.get(kind, 0.0) for p in per]
-            ax.bar([f"{r['case']}\n{r['wait']}" for r in sub], vals, bottom=bottoms, label=kind,
+            ax.bar([f"{r['case']}\n{r['wait']}" + ("\nx2apic" if _mode(r) == "x2apic" else "") for r in sub],
+                   vals, bottom=bottoms, label=kind,
                    color=cmap(i % 10))
             bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
         ax.axhline(0, color="#228833", ls=":", label="chapter: no exit")
@@ -243,6 +308,6 @@ EXPERIMENT = Experiment(
     run=run,
     compare=compare,
     plot=plot,
-    defaults={"ticks": 1000, "ipis": 1000, "waits": ["pause", "hlt"]},
-    quick={"ticks": 100, "ipis": 100, "waits": ["pause", "hlt"]},
+    defaults={"ticks": 1000, "ipis": 1000, "waits": ["pause", "hlt"], "apic_modes": ["xapic", "x2apic"]},
+    quick={"ticks": 100, "ipis": 100, "waits": ["pause", "hlt"], "apic_modes": ["xapic", "x2apic"]},
 )

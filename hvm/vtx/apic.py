@@ -150,6 +150,11 @@ _X2APIC_READABLE = frozenset(
 )
 _X2APIC_WRITABLE = frozenset([TPR, EOI, SVR, ESR, ICR_LOW, TIMER_ICR, TIMER_DCR, SELF_IPI, *_LVT_OFFSETS])
 
+
+def x2apic_readable(msr: int) -> bool:
+    """Is ``msr`` a readable x2APIC register (SDM 11.12.1.2, Table 11-6)?"""
+    return X2APIC_MSR_FIRST <= msr <= X2APIC_MSR_LAST and x2apic_offset(msr) in _X2APIC_READABLE
+
 _MASK32 = 0xFFFF_FFFF
 SENT_KEPT = 256
 
@@ -642,6 +647,9 @@ class LocalApic:
                 raise ApicGP(f"WRMSR {msr:#x}: reserved ICR bits set in {value:#x} (SDM 11.12.9)")
             self._set(ICR_HIGH, value >> 32)
             self._set(ICR_LOW, value & _WRITABLE[ICR_LOW])
+            # The 64-bit ICR also as 8 bytes at offset 300H (as KVM keeps it in x2APIC mode), where a
+            # virtualized RDMSR 830H reads it (SDM Vol. 3C 30.5: the 8 bytes at (ECX & FFH) << 4).
+            self._set(ICR_LOW + 4, value >> 32)
             self._send_ipi(value & _MASK32, value >> 32)
             return
         if value >> 32:
@@ -671,8 +679,14 @@ class LocalApic:
             raise ApicGP("WRMSR IA32_APIC_BASE: x2APIC -> xAPIC directly is invalid (SDM 11.12.5)")
         if not self.hw_enabled and extd:
             raise ApicGP("WRMSR IA32_APIC_BASE: disabled -> x2APIC directly is invalid (SDM 11.12.5)")
-        was_enabled = self.hw_enabled
+        was_enabled, was_x2apic = self.hw_enabled, self.x2apic
         # The BSP flag is set by the processor at reset; software does not change it.
         self.base = value & ~APIC_BASE_BSP | self.base & APIC_BASE_BSP
         if was_enabled and not en:
             self._reset_registers()  # SDM 11.4.3: a hardware disable returns the APIC to its reset state
+        elif extd and not was_x2apic:
+            # SDM 11.12.5.1: entering x2APIC mode, the ID register holds the 32-bit x2APIC ID and the
+            # LDR the logical x2APIC ID (11.12.10.2); on the page too, so that a virtual-APIC page made
+            # of it reads right (as KVM's kvm_apic_set_x2apic_id writes them into apic->regs).
+            self._set(ID, self.apic_id)
+            self._set(LDR, self._x2apic_ldr())

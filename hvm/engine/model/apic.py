@@ -37,9 +37,16 @@ for its window; at other instruction boundaries an STI right before RIP (byte
 CR8 is the TPR's other name in 64-bit mode (SDM Vol. 3A 11.8.6): ``legacy`` sets
 "CR8-load exiting" and "CR8-store exiting" (as KVM does without a TPR shadow)
 and emulates the control-register exits (28) on the LocalApic; ``apicv``
-virtualizes MOV to/from CR8 through VTPR (SDM 30.3). Not connected: x2APIC
-virtualization ("virtualize x2APIC mode": an x2APIC guest's MSR accesses exit
-and are emulated), level-triggered interrupts' EOI exits (no I/O APIC).
+virtualizes MOV to/from CR8 through VTPR (SDM 30.3).
+
+x2APIC mode (SDM Vol. 3A 11.12; CPUID reports it when the APIC is on): ``legacy``
+keeps every x2APIC MSR access exiting (31/32) and emulates it on the LocalApic.
+``apicv`` follows the guest's switch through IA32_APIC_BASE.EXTD as KVM does:
+"virtualize x2APIC mode" replaces "virtualize APIC accesses" and the MSR bitmap
+lets through RDMSR of the readable registers (not the current count) and WRMSR
+of TPR, EOI and SELF IPI, which the processor virtualizes on the virtual-APIC
+page (SDM Vol. 3C 30.5); the other writes exit (32) and are emulated.
+Not connected: level-triggered interrupts' EOI exits (no I/O APIC).
 """
 
 from __future__ import annotations
@@ -57,7 +64,17 @@ from hvm.engine.model.events import GP, Event
 from hvm.engine.model.instructions import VmExit, set_gpr
 from hvm.engine.model.vmcs import ExitInfo
 from hvm.exits import Exit
-from hvm.vtx.apic import MSR_APIC_BASE, MSR_TSC_DEADLINE, ApicGP, LocalApic
+from hvm.vtx.apic import (
+    MSR_APIC_BASE,
+    MSR_TSC_DEADLINE,
+    TIMER_CCR,
+    X2APIC_MSR_FIRST,
+    X2APIC_MSR_LAST,
+    ApicGP,
+    LocalApic,
+    x2apic_offset,
+    x2apic_readable,
+)
 from hvm.vtx.apicv import ApicvControls, ApicvExit, PostedInterruptDescriptor, VirtualApic, VirtualApicPage
 from hvm.vtx.bitmaps import MsrBitmap
 from hvm.vtx.controls import ExitControls, PinBased, ProcBased, ProcBased2
@@ -76,6 +93,30 @@ RFLAGS_IF = 1 << 9
 _STI = 0xFB
 _POLL_FLOOR = 0.0003  # s: the guest must get time to run between host timer stops
 _POLL_CEILING = 0.02  # s: how long the timer thread sleeps when nothing is armed
+
+
+#: x2APIC MSRs whose WRMSR KVM lets the processor virtualize (vmx_update_msr_bitmap_x2apic): TPR, EOI
+#: and SELF IPI, the ones SDM Vol. 3C 30.5 virtualizes with "virtual-interrupt delivery".
+_X2APIC_WRITES_VIRTUALIZED = frozenset({0x808, 0x80B, 0x83F})
+#: CPUID.01H:ECX[21]: x2APIC (SDM Vol. 2A, CPUID).
+CPUID_1_ECX_X2APIC = 1 << 21
+
+
+class _X2apicCpuid:
+    """The engine's CPUID answers with the x2APIC feature bit: the local APIC here implements x2APIC mode
+    (as KVM reports X2APIC whenever it emulates the local APIC in the kernel)."""
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+
+    def __call__(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+        eax, ebx, ecx, edx = self.policy(leaf, subleaf)
+        if leaf == 1:
+            ecx |= CPUID_1_ECX_X2APIC
+        return eax, ebx, ecx, edx
+
+    def __getattr__(self, name: str):
+        return getattr(self.policy, name)
 
 
 class ApicSupport:
@@ -98,6 +139,7 @@ class ApicSupport:
         self._prev_sti = False
         self._window = False  # the watch saw the window open
         self._intercept_msrs()
+        engine.cpuid = _X2apicCpuid(engine.cpuid)
         self.vapic: VirtualApic | None = None
         if mode == "legacy":
             vmcs = engine.vmcs
@@ -238,7 +280,91 @@ class ApicSupport:
         eng._pending = None
         if complete is not None:
             complete(data)
+        if msr == MSR_APIC_BASE and self.vapic is not None:
+            self._follow_apic_mode()
         self._changed()
+
+    # --- x2APIC mode with APICv (SDM Vol. 3C 30.5) ---------------------------------------------
+    def _follow_apic_mode(self) -> None:
+        """After the guest wrote IA32_APIC_BASE: the secondary controls and the MSR bitmap follow its
+        APIC's mode, as KVM's vmx_set_virtual_apic_mode and vmx_update_msr_bitmap_x2apic do.
+
+        x2APIC: "virtualize x2APIC mode" 1 and "virtualize APIC accesses" 0 (SDM 27.2.1.1 allows no
+        other combination); RDMSR passes for the readable x2APIC registers but the current count (not on
+        the page: the hypervisor computes it), WRMSR for TPR, EOI and SELF IPI only. xAPIC: the
+        APIC-access page again, every x2APIC MSR intercepted. Disabled: neither control.
+        """
+        assert self.vapic is not None
+        eng = self.engine
+        vmcs = eng.vmcs
+        lapic = self.lapic
+        x2apic = lapic.x2apic
+        proc2 = vmcs.vmread(F.SECONDARY_VM_EXEC_CONTROL)
+        proc2 &= ~(ProcBased2.VIRTUALIZE_APIC_ACCESSES | ProcBased2.VIRTUALIZE_X2APIC_MODE)
+        if x2apic:
+            proc2 |= ProcBased2.VIRTUALIZE_X2APIC_MODE
+        elif lapic.hw_enabled:
+            proc2 |= ProcBased2.VIRTUALIZE_APIC_ACCESSES
+        if proc2 == vmcs.vmread(F.SECONDARY_VM_EXEC_CONTROL):
+            return
+        vmcs.vmwrite(F.SECONDARY_VM_EXEC_CONTROL, proc2)
+        bitmap = MsrBitmap()
+        bitmap.page[:] = eng.host.read(eng.msr_bitmap, 4096)
+        for msr in range(X2APIC_MSR_FIRST, X2APIC_MSR_LAST + 1):
+            bitmap.intercept(msr)
+            if x2apic:
+                readable = x2apic_readable(msr) and x2apic_offset(msr) != TIMER_CCR
+                bitmap.pass_through(msr, read=readable, write=msr in _X2APIC_WRITES_VIRTUALIZED)
+        eng.host.write(eng.msr_bitmap, bytes(bitmap.page))
+        # The exit is finished in the engine: its re-entry checks and latches the new controls (SDM 28.2.1).
+        failed = eng._latch_controls()
+        if failed is not None:
+            raise RuntimeError(f"model APIC: {failed.detail}")
+        self.vapic.controls = ApicvControls.from_vmcs(vmcs)
+        self.stats["x2apic_virtualization" if x2apic else "xapic_virtualization"] += 1
+
+    def x2apic_rdmsr(self, msr: int) -> int | None:
+        """A RDMSR of 800H-8FFH the MSR bitmap let through with "virtualize x2APIC mode" 1 (SDM 30.5):
+        the value from the virtual-APIC page, or None when the processor does not virtualize it."""
+        assert self.vapic is not None
+        value = self.vapic.rdmsr(msr)
+        if value is not None:
+            self.stats["x2apic_virtualized_reads"] += 1
+        return value
+
+    def x2apic_wrmsr(self, msr: int, value: int, next_rip: int) -> bool:
+        """A WRMSR of 800H-8FFH the MSR bitmap let through with "virtualize x2APIC mode" 1 (SDM 30.5).
+
+        Returns False when the processor does not virtualize it; raises ApicvGP for the #GP(0) cases.
+        A trap-like VM exit the virtualization causes (APIC write for a SELF IPI with an illegal vector,
+        EOI-induced, TPR below threshold) is taken after the instruction, at ``next_rip``.
+        """
+        vapic = self.vapic
+        assert vapic is not None
+        try:
+            done = vapic.wrmsr(msr, value)
+        except ApicvExit as exit_:
+            eng = self.engine
+            eng.uc.reg_write(R.UC_X86_REG_RIP, next_rip)  # trap-like: after the WRMSR completed
+
+            def complete(_: bytes, exit_: ApicvExit = exit_) -> None:
+                if exit_.reason is ExitReason.APIC_WRITE:
+                    # The hypervisor performs the write from the virtual-APIC page (as KVM's
+                    # kvm_apic_write_nodecode does for x2APIC).
+                    offset = exit_.qualification
+                    try:
+                        self.lapic.wrmsr(X2APIC_MSR_FIRST + (offset >> 4), vapic.page.read32(offset),
+                                         now=self._now())
+                    except ApicGP:
+                        eng.queue_event(Event(GP, error_code=0))
+                self._changed()
+            info = ExitInfo(int(exit_.reason), exit_.qualification)
+            eng.take_exit(VmExit(exit_.reason, info, None, complete))
+            return True
+        if done:
+            self.stats["x2apic_virtualized_writes"] += 1
+            self.engine.vmcs.store(F.GUEST_INTR_STATUS, vapic.svi << 8 | vapic.rvi)
+        return done
 
     def claims_cr8(self, vmexit: VmExit) -> bool:
         return vmexit.reason is ExitReason.CR_ACCESS and vmexit.info.qualification & 0xF == 8

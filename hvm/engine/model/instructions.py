@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 from unicorn import x86_const as R
 
 from hvm.engine.model.decode import Insn, Memory, Op
-from hvm.engine.model.events import PF, UD, Event, Fault
+from hvm.engine.model.events import GP, PF, UD, Event, Fault
 from hvm.engine.model.vmcs import ExitInfo
 from hvm.exits import Exit, ExitKind
+from hvm.vtx.apicv import ApicvGP
 from hvm.vtx.bitmaps import io_instruction_exits, msr_instruction_exits
 from hvm.vtx.controls import Controls, ProcBased, ProcBased2
 from hvm.vtx.exit_reasons import ExitReason
@@ -468,6 +469,28 @@ def _msr(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip: int, 
         _exit(eng, ExitReason.MSR_READ, insn, rip, exit=Exit(ExitKind.RDMSR, addr=msr, size=8),
               complete=complete, read_size=8)
         return
+    if (0x800 <= msr <= 0x8FF and latched.proc & ProcBased.ACTIVATE_SECONDARY_CONTROLS
+            and latched.proc2 & ProcBased2.VIRTUALIZE_X2APIC_MODE and _vapic(eng)):
+        # SDM Vol. 3C 30.5: with "virtualize x2APIC mode", against the virtual-APIC page.
+        try:
+            if write:
+                value = (gpr(eng, RDX) & 0xFFFF_FFFF) << 32 | gpr(eng, RAX) & 0xFFFF_FFFF
+                done = eng.apic.x2apic_wrmsr(msr, value, rip + insn.length)
+            else:
+                value = eng.apic.x2apic_rdmsr(msr)
+                if value is not None:
+                    set_gpr(eng, RAX, value & 0xFFFF_FFFF, 4)
+                    set_gpr(eng, RDX, value >> 32, 4)
+                done = value is not None
+        except ApicvGP:
+            eng.raise_event(Event(GP, error_code=0))
+            return
+        if done:
+            if eng._exit is None:
+                _emulated(eng, insn, rip)
+            if write:
+                uc.emu_stop()  # a virtual interrupt it lets through is delivered at this boundary
+            return
     if msr == MSR_IA32_TSC and not write:
         value = eng.guest_tsc()  # SDM 26.3: RDMSR of IA32_TSC sees the offset and scaled TSC
         set_gpr(eng, RAX, value & 0xFFFF_FFFF, 4)

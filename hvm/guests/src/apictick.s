@@ -20,6 +20,13 @@
 #   * prints "apictick: ticks N ipis M spurious S" and "apictick: done", exits through
 #     isa-debug-exit with value 0 (1 if something went wrong, after saying what).
 #
+#
+# With the word `x2apic` on the command line it does all of that in x2APIC mode (SDM 11.12): it
+# checks CPUID.01H:ECX[21], sets IA32_APIC_BASE.EXTD (the base it prints is then 0xfee00d00),
+# and reaches every register through its MSR 800H + offset/16 instead of the page: the TPR
+# check's self-IPI through the 64-bit ICR (MSR 830H, destination in EDX), the M self-IPIs
+# through the SELF IPI register (MSR 83FH), EOI as a WRMSR of 0 to 80BH.
+#
 # The console output depends on nothing but the command line, so every engine prints the same.
 
         .include "lib.inc"              # 32-bit code, .intel_syntax noprefix
@@ -29,6 +36,10 @@
         .equ AT_CODE64,         0x18
         .equ MSR_EFER,          0xC0000080
         .equ MSR_APIC_BASE,     0x1B
+        .equ APIC_BASE_EXTD,    1 << 10 # x2APIC mode (SDM 11.12.1)
+        .equ CPUID_1_ECX_X2APIC, 1 << 21
+        .equ MSR_X2APIC_FIRST,  0x800   # SDM 11.12.1.2: MSR = 800H + (MMIO offset >> 4)
+        .equ MSR_X2APIC_SELF_IPI, 0x83F
         .equ EFER_LME,          1 << 8
         .equ CR0_PG,            1 << 31
         .equ CR4_PAE,           1 << 5
@@ -61,6 +72,63 @@
         .equ DEFAULT_IPIS,      50
         .equ WAIT_LIMIT,        100000000
 
+# APIC register access in either mode (64-bit code): the xAPIC page at RBX, or in x2APIC mode
+# (use_x2apic) the register's MSR.  Arguments without spaces.  Flags change; APIC_RD leaves the
+# register in EAX, nothing else changes.
+        .macro APIC_WR reg, value
+        cmp     dword ptr [rip + use_x2apic], 0
+        jne     .Lx2w\@
+        mov     dword ptr [rbx + \reg], \value
+        jmp     .Lxw\@
+.Lx2w\@:
+        push    rax
+        push    rcx
+        push    rdx
+        mov     ecx, MSR_X2APIC_FIRST + ((\reg) >> 4)
+        mov     eax, \value
+        xor     edx, edx                # ICR: destination 0 (the shorthand decides)
+        wrmsr
+        pop     rdx
+        pop     rcx
+        pop     rax
+.Lxw\@:
+        .endm
+
+        .macro APIC_RD reg
+        cmp     dword ptr [rip + use_x2apic], 0
+        jne     .Lx2r\@
+        mov     eax, [rbx + \reg]
+        jmp     .Lxr\@
+.Lx2r\@:
+        push    rcx
+        push    rdx
+        mov     ecx, MSR_X2APIC_FIRST + ((\reg) >> 4)
+        rdmsr
+        pop     rdx
+        pop     rcx
+.Lxr\@:
+        .endm
+
+# A self-IPI with IPI_VECTOR: the ICR (shorthand self) on the page, the SELF IPI MSR in x2APIC mode.
+        .macro SELF_IPI
+        cmp     dword ptr [rip + use_x2apic], 0
+        jne     .Lx2s\@
+        mov     dword ptr [rbx + APIC_ICR_LOW], ICR_SELF | IPI_VECTOR
+        jmp     .Lxs\@
+.Lx2s\@:
+        push    rax
+        push    rcx
+        push    rdx
+        mov     ecx, MSR_X2APIC_SELF_IPI
+        mov     eax, IPI_VECTOR
+        xor     edx, edx
+        wrmsr
+        pop     rdx
+        pop     rcx
+        pop     rax
+.Lxs\@:
+        .endm
+
         .text
 main:
         call    serial_init
@@ -74,6 +142,9 @@ main:
         mov     esi, OFFSET k_hlt
         call    has_word
         mov     [use_hlt], eax
+        mov     esi, OFFSET k_x2apic
+        call    has_word
+        mov     [use_x2apic], eax
 
         lgdt    [at_gdt_descriptor]
         ljmp    AT_CODE32, OFFSET 1f
@@ -271,6 +342,20 @@ long_entry:
         mov     ecx, MSR_APIC_BASE
         rdmsr
         mov     r12d, eax
+        cmp     dword ptr [rip + use_x2apic], 0
+        je      1f
+        mov     eax, 1                  # x2APIC mode only where CPUID says there is one
+        cpuid
+        test    ecx, CPUID_1_ECX_X2APIC
+        jz      no_x2apic
+        mov     ecx, MSR_APIC_BASE
+        mov     eax, r12d
+        or      eax, APIC_BASE_EXTD     # xAPIC -> x2APIC (SDM 11.12.5, Figure 11-27)
+        xor     edx, edx
+        wrmsr
+        rdmsr
+        mov     r12d, eax
+1:
         lea     rsi, [rip + m_base]
         call    puts64
         mov     eax, r12d
@@ -282,31 +367,32 @@ long_entry:
         mov     ebx, APIC_PHYS          # RBX = the xAPIC page, from here on
         lea     rsi, [rip + m_version]
         call    puts64
-        mov     eax, [rbx + APIC_VERSION]
+        APIC_RD APIC_VERSION
         call    put_hex64
         call    newline64
 
         # --- enable: spurious vector 0xFF, APIC software enable ---------------------------
-        mov     dword ptr [rbx + APIC_SVR], 0x100 | SPURIOUS_VECTOR
+        APIC_WR APIC_SVR, 0x100|SPURIOUS_VECTOR
         # Firmware (QEMU's SeaBIOS) leaves LINT0 in ExtINT "virtual wire" mode, so the 8259's
         # PIT interrupt would arrive at vector 8; mask it (SDM 11.5.1) as a kernel does.
-        mov     dword ptr [rbx + APIC_LVT_LINT0], LVT_MASKED
-        mov     dword ptr [rbx + APIC_TPR], 0
-        mov     dword ptr [rbx + APIC_TIMER_DCR], 0x3   # divide by 16 (SDM Figure 11-10)
+        APIC_WR APIC_LVT_LINT0, LVT_MASKED
+        APIC_WR APIC_TPR, 0
+        APIC_WR APIC_TIMER_DCR, 0x3     # divide by 16 (SDM Figure 11-10)
         sti
 
         # --- TPR holds back a lower-class interrupt ----------------------------------------
-        mov     dword ptr [rbx + APIC_TPR], 0x50
-        mov     dword ptr [rbx + APIC_ICR_LOW], ICR_SELF | IPI_VECTOR
+        APIC_WR APIC_TPR, 0x50
+        APIC_WR APIC_ICR_LOW, ICR_SELF|IPI_VECTOR
         mov     ecx, 1000               # time enough for a wrong delivery to show
 1:
         pause
         dec     ecx
         jnz     1b
         mov     r13d, [rip + ipis]      # must still be 0
-        mov     r14d, [rbx + APIC_IRR + 0x20]   # vector 0x40: IRR bit 0 at offset 0x220
+        APIC_RD (APIC_IRR+0x20)         # vector 0x40: IRR bit 0 at offset 0x220 (MSR 822H)
+        mov     r14d, eax
         and     r14d, 1
-        mov     dword ptr [rbx + APIC_TPR], 0
+        APIC_WR APIC_TPR, 0
         mov     eax, 1
         call    wait_ipis
         lea     rsi, [rip + m_tpr]
@@ -329,11 +415,11 @@ long_entry:
         jae     4f
         test    r15d, 1
         jnz     3f
-        mov     dword ptr [rbx + APIC_ICR_LOW], ICR_SELF | IPI_VECTOR
+        SELF_IPI
         jmp     5f
 3:
         cli
-        mov     dword ptr [rbx + APIC_ICR_LOW], ICR_SELF | IPI_VECTOR
+        SELF_IPI
         sti
         nop
 5:
@@ -345,9 +431,9 @@ long_entry:
         # --- N timer ticks ------------------------------------------------------------------
         cmp     dword ptr [rip + n_ticks], 0
         je      8f
-        mov     dword ptr [rbx + APIC_LVT_TIMER], TIMER_PERIODIC | TIMER_VECTOR
-        mov     dword ptr [rbx + APIC_TIMER_ICR], TIMER_COUNT
-        mov     eax, [rbx + APIC_TIMER_CCR]     # counting down from the initial count
+        APIC_WR APIC_LVT_TIMER, TIMER_PERIODIC|TIMER_VECTOR
+        APIC_WR APIC_TIMER_ICR, TIMER_COUNT
+        APIC_RD APIC_TIMER_CCR          # counting down from the initial count
         cmp     eax, TIMER_COUNT
         ja      ccr_bad
 6:
@@ -362,7 +448,7 @@ long_entry:
         pause
         jmp     6b
 7:
-        mov     dword ptr [rbx + APIC_TIMER_ICR], 0     # stop the timer
+        APIC_WR APIC_TIMER_ICR, 0       # stop the timer
 8:
         cli
         lea     rsi, [rip + m_ticks]
@@ -385,6 +471,9 @@ long_entry:
 
 bad_base:
         lea     rsi, [rip + m_bad_base]
+        jmp     fail64
+no_x2apic:
+        lea     rsi, [rip + m_no_x2apic]
         jmp     fail64
 tpr_bad:
         lea     rsi, [rip + m_tpr_bad]
@@ -434,9 +523,9 @@ isr_timer:
         mov     [rip + ticks], eax
         cmp     eax, [rip + n_ticks]
         jb      1f
-        mov     dword ptr [rbx + APIC_LVT_TIMER], LVT_MASKED | TIMER_PERIODIC | TIMER_VECTOR
+        APIC_WR APIC_LVT_TIMER, LVT_MASKED|TIMER_PERIODIC|TIMER_VECTOR
 1:
-        mov     dword ptr [rbx + APIC_EOI], 0
+        APIC_WR APIC_EOI, 0
         pop     rbx
         pop     rax
         iretq
@@ -445,7 +534,7 @@ isr_ipi:
         push    rbx
         mov     ebx, APIC_PHYS
         inc     dword ptr [rip + ipis]
-        mov     dword ptr [rbx + APIC_EOI], 0
+        APIC_WR APIC_EOI, 0
         pop     rbx
         iretq
 
@@ -557,6 +646,7 @@ put_dec64:
         .section .rodata
 k_ipis:         .asciz "ipis="
 k_hlt:          .asciz "hlt"
+k_x2apic:       .asciz "x2apic"
 m_base:         .asciz "apictick: apic base "
 m_version:      .asciz " version "
 m_tpr:          .asciz "apictick: tpr 0x50 holds vector 0x40, tpr 0 lets it in: "
@@ -566,6 +656,7 @@ m_ipis:         .asciz " ipis "
 m_spurious:     .asciz " spurious "
 m_done:         .asciz "apictick: done\n"
 m_bad_base:     .asciz "\napictick: the APIC is not at 0xfee00000\n"
+m_no_x2apic:    .asciz "apictick: no x2APIC (CPUID.01H:ECX[21] is 0)\n"
 m_tpr_bad:      .asciz "FAILED\n"
 m_ccr_bad:      .asciz "apictick: current count above the initial count\n"
 m_ipi_lost:     .asciz "\napictick: an IPI was not delivered\n"
@@ -605,5 +696,6 @@ use_hlt:        .skip 4
 ticks:          .skip 4
 ipis:           .skip 4
 spurious:       .skip 4
+use_x2apic:     .skip 4
 
         .text
