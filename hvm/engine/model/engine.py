@@ -265,7 +265,7 @@ class ModelEngine(Engine):
         self.memory = memory
         self.host = HostMemory(memory)
         self.cost = cost or CostModel()
-        self.cpuid = CpuidPolicy()
+        self.cpuid = CpuidPolicy(pcid=True)  # PCIDs and INVPCID: implemented in instructions.py
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.regions[0].host_addr)
         uc.ctl_exits_enabled(True)
@@ -297,6 +297,7 @@ class ModelEngine(Engine):
         self._read_data = b""
         self._exit: VmExit | None = None
         self._event: Event | None = None
+        self.invpcid_pass: int | None = None  # an INVPCID whose exit the VMM completed executes
         self._mmio: _MmioStep | None = None
         self._mmio_hit: tuple[int, int] | None = None
         self._queued: list[tuple[VmExit, Exit]] = []
@@ -939,7 +940,7 @@ class ModelEngine(Engine):
                 insn = self._decoded[key] = decode(code, address, cpu.code_bits)
             if insn is not None:
                 intercept(self, insn, address, cpu.rip)
-                if self.walks is not None:
+                if self.walks is not None and self._event is None:  # a faulting one invalidates nothing
                     self.walks.sensitive(insn, cpu.rip)
         except EptExit as exit_:
             self.take_exit(exit_.vmexit)
@@ -1047,6 +1048,8 @@ class ModelEngine(Engine):
         elif cr == 4:
             self.vmcs.store(F.CR4_READ_SHADOW, value)
             self.latched.cr4_shadow = value
+        elif cr == 3 and self.cpu.cr(4) & (1 << 17):
+            value &= ~(1 << 63)  # SDM 4.10.4.1: with CR4.PCIDE = 1 bit 63 is "no flush", not stored
         uc.reg_write(_CR_REGS[cr], value)
         if cr in (0, 4):
             self._flush_tlb()
@@ -1373,6 +1376,11 @@ class ModelEngine(Engine):
         if self.walks is not None:
             self.walks.filled(vaddr, kind, hpage)
         return True
+
+    def invalidate_tlb(self) -> None:
+        """The guest invalidated translations (INVPCID): Unicorn's TLB goes whole, which is more
+        than the SDM requires; the modelled TLB (tlb=...) invalidates exactly what it requires."""
+        self._flush_tlb()
 
     def _flush_tlb(self) -> None:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
