@@ -19,7 +19,7 @@ from hvm.vtx.controls import ProcBased as P
 from hvm.vtx.controls import ProcBased2 as P2
 from hvm.vtx.exit_reasons import ExitReason as X
 from hvm.vtx.qualification import AddressSize, InterruptionInfo, InvInfo, MemoryOperand, SegmentRegister
-from tests.test_model_engine_support import F, Tiny, entry_state, needs_as
+from tests.test_model_engine_support import CODE, F, Tiny, entry_state, gate64, install_idt, needs_as
 
 pytestmark = needs_as
 
@@ -99,6 +99,26 @@ def test_pcid_gp_conditions(source: str, bits: int, unchanged: tuple[str, int, i
         assert fault_of(g) == (GP, 0)
         register, bit, value = unchanged  # the faulting MOV changed nothing
         assert getattr(g.engine.get_state(), register) >> bit & 1 == value
+    finally:
+        g.close()
+
+
+def test_pcid_gp_after_a_cr4_exit_too() -> None:
+    # CR4.PCIDE owned by the hypervisor (guest/host mask): the MOV exits (SDM 26.1.3, reason 28) and
+    # the hypervisor, completing it, applies the same rule (SDM 4.10.1): #GP(0), CR4 unchanged.
+    # The hypervisor injects the #GP (event injection, not subject to the exception bitmap): the
+    # guest's handler records vector and error code.
+    g = tiny("lidt [0x21000]\nmov rax, cr3\nor rax, 1\nmov cr3, rax\n" + PCIDE + "hlt\n"
+             ".org 0x100\nmov r10, [rsp]\nmov r11, 13\nhlt")
+    try:
+        base, limit = install_idt(g, {GP: gate64(CODE + 0x100)})
+        g.memory.write(0x21000, limit.to_bytes(2, "little") + base.to_bytes(8, "little"))
+        g.vmwrite(F.CR4_GUEST_HOST_MASK, 1 << 17)
+        g.vmwrite(F.CR4_READ_SHADOW, 0)
+        assert g.engine.run().kind is ExitKind.CR_ACCESS
+        assert fault_of(g) is None  # HLT in the handler
+        assert (g.reg("r11"), g.reg("r10")) == (GP, 0)
+        assert not g.engine.get_state().cr4 >> 17 & 1
     finally:
         g.close()
 

@@ -575,10 +575,23 @@ def _mov_to_cr(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip:
         return
     if exits:
         def complete(_: bytes) -> None:
+            eng.cpu.sync()
+            if _pcid_gp(eng, cr, value):
+                eng.queue_event(Event(GP, error_code=0))  # the hypervisor's checks, as KVM's kvm_set_cr4/cr0
+                return
             eng.write_cr(cr, value)  # the hypervisor performs the guest's write (and its shadow)
             uc.reg_write(R.UC_X86_REG_RIP, rip + insn.length)
         _cr_exit(eng, insn, rip, linear, CrQualification(cr, CrAccessType.MOV_TO_CR, gpr=insn.reg),
                  complete=complete)
+
+
+def _pcid_gp(eng: ModelEngine, cr: int, value: int) -> bool:
+    """Does this MOV to CR0/CR4 break a PCID rule (SDM Vol. 3A 4.10.1), so that it is #GP(0)?"""
+    cpu = eng.cpu
+    pcide = cpu.cr(4) & CR4_PCIDE
+    if cr == 4 and value & CR4_PCIDE and not pcide:
+        return not cpu.efer & EFER_LMA or bool(cpu.cr(3) & 0xFFF)
+    return cr == 0 and bool(pcide) and not value & CR0_PG
 
 
 def _pcid_rules(eng: ModelEngine, cr: int, value: int, insn: Insn, rip: int) -> bool:
@@ -589,15 +602,10 @@ def _pcid_rules(eng: ModelEngine, cr: int, value: int, insn: Insn, rip: int) -> 
     with IA32_EFER.LMA = 0 or with CR3[11:0] != 0, and for a MOV to CR0 that clears PG while
     CR4.PCIDE = 1. SDM 4.10.4.1 and Vol. 2 MOV: with CR4.PCIDE = 1, bit 63 of the source of MOV to
     CR3 only says "do not invalidate" and is not written to CR3 (Unicorn would store it)."""
-    cpu = eng.cpu
-    pcide = cpu.cr(4) & CR4_PCIDE
-    if cr == 4 and value & CR4_PCIDE and not pcide and (not cpu.efer & EFER_LMA or cpu.cr(3) & 0xFFF):
+    if _pcid_gp(eng, cr, value):
         _gp(eng)
         return True
-    if cr == 0 and pcide and not value & CR0_PG:
-        _gp(eng)
-        return True
-    if cr == 3 and pcide and value & CR3_NOFLUSH:
+    if cr == 3 and eng.cpu.cr(4) & CR4_PCIDE and value & CR3_NOFLUSH:
         eng.uc.reg_write(R.UC_X86_REG_CR3, value & ~CR3_NOFLUSH)
         _emulated(eng, insn, rip)
         return True
