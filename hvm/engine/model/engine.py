@@ -35,6 +35,11 @@ until the next VM exit, which it returns as one :class:`~hvm.exits.Exit`. Exits 
 has no kind in the shared vocabulary (INVD, XSETBV, GETSEC, the VMX instructions, ...) are
 completed inside the engine, as KVM completes them in the kernel, and show in :meth:`counters`.
 
+PCIDs and INVPCID, which Unicorn's CPU lacks, are the engine's (:mod:`~hvm.engine.model.cpuid`,
+:func:`~hvm.engine.model.instructions.intercept`): CPUID reports them, MOV to CR0/CR3/CR4 follows
+SDM 4.10.1 and 4.10.4.1, INVPCID runs in the hook. Unicorn's TLB is flushed whole on every CR3
+load and INVPCID; the modelled TLB (``tlb=``) invalidates exactly what the SDM requires.
+
 A host signal cannot reach Python while Unicorn runs native code: Python's C-level handler only
 notes it. The engine therefore registers a pipe as the signal wakeup fd; a watcher thread waits
 on it and stops the emulation, the VMM's handler (a timeout or poller tick, which calls
