@@ -117,7 +117,8 @@ GUESTS: dict[str, str] = {
     "call's number; then 'rdtscp yes|no', 'tsc_aux V' (RDTSCP or RDMSR) and 'syscalls done N'",
     "ctxsw": "the context-switch experiment: p processes (own page tables, same linear addresses), "
     "n CR3 switches, k pages touched per slice (p=P n=N k=K, default 4 1000 8), then one 'ctxsw ...' "
-    "line; 'check': accessed/dirty flags, remap + INVLPG, #PF error codes, CR0.WP; C, see src/ctxsw.c",
+    "line; 'pcid=1': each process its own PCID, CR3 loaded with the no-flush bit; "
+    "'check': accessed/dirty flags, remap + INVLPG, #PF error codes, CR0.WP; C, see src/ctxsw.c",
     "exitmix": "the exit-rate experiment's mixed workload at ring 0: units of CPU work, IA32_TSC_AUX "
     "'system calls', command-device I/O at a chosen intensity (design=pio|mmio|dirty io=K per unit), "
     "self-IPIs and a periodic local APIC timer; one 'exitmix ...' summary line; C, see src/exitmix.c",

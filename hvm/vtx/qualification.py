@@ -309,6 +309,24 @@ class MemoryOperand:
 
 
 @dataclass(frozen=True)
+class InvInfo:
+    """Instruction information for INVEPT, INVPCID, INVVPID (SDM 28.2.5, table "Format of the VM-Exit
+    Instruction-Information Field as Used for INVEPT, INVPCID, and INVVPID"): the memory operand
+    (the descriptor), bit 10 cleared to 0, and Reg2 (bits 31:28), the register holding the type.
+    Their exit qualification is the instruction's displacement (SDM 28.2.1)."""
+
+    operand: MemoryOperand
+    reg2: int  # bits 31:28
+
+    def encode(self) -> int:
+        return self.operand.encode() | _fits(self.reg2, 4, "reg2") << 28
+
+    @classmethod
+    def decode(cls, value: int) -> InvInfo:
+        return cls(operand=MemoryOperand.decode(value), reg2=_bits(value, 28, 4))
+
+
+@dataclass(frozen=True)
 class GdtrIdtrInfo:
     """Instruction information for LIDT, LGDT, SIDT, SGDT (SDM 28.2.5, table "Format of the VM-Exit
     Instruction-Information Field as Used for LIDT, LGDT, SIDT, or SGDT")."""

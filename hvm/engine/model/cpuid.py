@@ -7,6 +7,14 @@ the host's, while the feature bits describe what the virtual CPU really implemen
 CPU that Unicorn emulates (QEMU's "qemu64"-class model), probed once by executing CPUID in a
 scratch Unicorn instance. As KVM does, it sets the "hypervisor present" bit (CPUID.1:ECX[31])
 and hides VMX (CPUID.1:ECX[5]): the guest gets no nested virtualization.
+
+PCIDs: Unicorn 2.1.4 reports neither CPUID.01H:ECX.PCID (bit 17) nor
+CPUID.(EAX=07H,ECX=0):EBX.INVPCID (bit 10) under any of its CPU models (``uc.ctl_set_cpu_model``
+with UC_CPU_X86_HASWELL, SKYLAKE_CLIENT/SERVER, ... changes other leaf-7 bits but QEMU's TCG
+feature filter drops these two), and it raises #UD for INVPCID. The model engine implements
+both itself (:mod:`hvm.engine.model.instructions`), so ``CpuidPolicy(pcid=True)`` reports them;
+the engine clears INVPCID again when "enable INVPCID" is 0, where INVPCID is #UD (SDM 26.3), as
+KVM does.
 """
 
 from __future__ import annotations
@@ -19,12 +27,15 @@ from hvm.engine.model.hostcpu import host_cpuid
 _CPUID_HLT = b"\x0f\xa2\xf4"  # cpuid; hlt
 _IDENTITY_LEAVES = (0x8000_0002, 0x8000_0003, 0x8000_0004)  # brand string
 _ECX_VMX, _ECX_HYPERVISOR = 1 << 5, 1 << 31
+ECX_PCID = 1 << 17  # CPUID.01H:ECX
+EBX_INVPCID = 1 << 10  # CPUID.(EAX=07H,ECX=0):EBX
 
 
 class CpuidPolicy:
     """Maps (leaf, subleaf) to the EAX, EBX, ECX, EDX a guest CPUID returns."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, pcid: bool = False) -> None:
+        self.pcid = pcid  # the engine implements PCIDs and INVPCID (report them)
         self._uc: Uc | None = None
         self._cache: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
@@ -55,7 +66,9 @@ class CpuidPolicy:
         elif leaf == 1:
             if host is not None:
                 eax = host[0]  # family, model, stepping
-            ecx = ecx & ~_ECX_VMX | _ECX_HYPERVISOR
+            ecx = ecx & ~_ECX_VMX | _ECX_HYPERVISOR | (ECX_PCID if self.pcid else 0)
+        elif leaf == 7 and subleaf == 0 and self.pcid:
+            ebx |= EBX_INVPCID
         elif leaf in _IDENTITY_LEAVES and host is not None and host_cpuid(0x8000_0000)[0] >= leaf:
             eax, ebx, ecx, edx = host
         return eax, ebx, ecx, edx

@@ -240,7 +240,8 @@ def decode(code: bytes, address: int, bits: int) -> Insn | None:
             fields["vector"] = {"int3": 3, "into": 4, "int1": 1}.get(word) or insn.operands[0].imm & 0xFF
         elif kind in (Op.INS, Op.OUTS):
             fields["io_size"] = {"b": 1, "w": 2, "d": 4}[word[-1]]
-        elif regs and kind in (Op.LMSW, Op.SMSW, Op.LLDT, Op.LTR, Op.SLDT, Op.STR, Op.RDRAND, Op.RDSEED):
+        elif regs and kind in (Op.LMSW, Op.SMSW, Op.LLDT, Op.LTR, Op.SLDT, Op.STR, Op.RDRAND, Op.RDSEED,
+                               Op.INVPCID):
             name = insn.reg_name(regs[0].reg)
             fields.update(reg=GPR_NUMBER[name], reg_width=regs[0].size)
     if mems:

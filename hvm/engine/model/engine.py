@@ -35,6 +35,11 @@ until the next VM exit, which it returns as one :class:`~hvm.exits.Exit`. Exits 
 has no kind in the shared vocabulary (INVD, XSETBV, GETSEC, the VMX instructions, ...) are
 completed inside the engine, as KVM completes them in the kernel, and show in :meth:`counters`.
 
+PCIDs and INVPCID, which Unicorn's CPU lacks, are the engine's (:mod:`~hvm.engine.model.cpuid`,
+:func:`~hvm.engine.model.instructions.intercept`): CPUID reports them, MOV to CR0/CR3/CR4 follows
+SDM 4.10.1 and 4.10.4.1, INVPCID runs in the hook. Unicorn's TLB is flushed whole on every CR3
+load and INVPCID; the modelled TLB (``tlb=``) invalidates exactly what the SDM requires.
+
 A host signal cannot reach Python while Unicorn runs native code: Python's C-level handler only
 notes it. The engine therefore registers a pipe as the signal wakeup fd; a watcher thread waits
 on it and stops the emulation, the VMM's handler (a timeout or poller tick, which calls
@@ -265,7 +270,7 @@ class ModelEngine(Engine):
         self.memory = memory
         self.host = HostMemory(memory)
         self.cost = cost or CostModel()
-        self.cpuid = CpuidPolicy()
+        self.cpuid = CpuidPolicy(pcid=True)  # PCIDs and INVPCID: implemented in instructions.py
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.regions[0].host_addr)
         uc.ctl_exits_enabled(True)
@@ -297,6 +302,7 @@ class ModelEngine(Engine):
         self._read_data = b""
         self._exit: VmExit | None = None
         self._event: Event | None = None
+        self.invpcid_pass: int | None = None  # an INVPCID whose exit the VMM completed executes
         self._mmio: _MmioStep | None = None
         self._mmio_hit: tuple[int, int] | None = None
         self._queued: list[tuple[VmExit, Exit]] = []
@@ -939,7 +945,7 @@ class ModelEngine(Engine):
                 insn = self._decoded[key] = decode(code, address, cpu.code_bits)
             if insn is not None:
                 intercept(self, insn, address, cpu.rip)
-                if self.walks is not None:
+                if self.walks is not None and self._event is None:  # a faulting one invalidates nothing
                     self.walks.sensitive(insn, cpu.rip)
         except EptExit as exit_:
             self.take_exit(exit_.vmexit)
@@ -1047,6 +1053,8 @@ class ModelEngine(Engine):
         elif cr == 4:
             self.vmcs.store(F.CR4_READ_SHADOW, value)
             self.latched.cr4_shadow = value
+        elif cr == 3 and self.cpu.cr(4) & (1 << 17):
+            value &= ~(1 << 63)  # SDM 4.10.4.1: with CR4.PCIDE = 1 bit 63 is "no flush", not stored
         uc.reg_write(_CR_REGS[cr], value)
         if cr in (0, 4):
             self._flush_tlb()
@@ -1373,6 +1381,11 @@ class ModelEngine(Engine):
         if self.walks is not None:
             self.walks.filled(vaddr, kind, hpage)
         return True
+
+    def invalidate_tlb(self) -> None:
+        """The guest invalidated translations (INVPCID): Unicorn's TLB goes whole, which is more
+        than the SDM requires; the modelled TLB (tlb=...) invalidates exactly what it requires."""
+        self._flush_tlb()
 
     def _flush_tlb(self) -> None:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import x86_const as R
 
+from hvm.engine.model.cpuid import EBX_INVPCID
 from hvm.engine.model.decode import Insn, Memory, Op
 from hvm.engine.model.events import GP, PF, UD, Event, Fault
 from hvm.engine.model.vmcs import ExitInfo
@@ -40,6 +41,7 @@ from hvm.vtx.qualification import (
     GdtrIdtrInfo,
     GdtrIdtrInstruction,
     InterruptionType,
+    InvInfo,
     IoQualification,
     LdtrTrInfo,
     LdtrTrInstruction,
@@ -61,6 +63,9 @@ RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI = range(8)
 MASK64 = (1 << 64) - 1
 CR0_TS = 1 << 3
 CR4_TSD, CR4_PCE, CR4_UMIP, CR4_SMXE, CR4_OSXSAVE = 1 << 2, 1 << 8, 1 << 11, 1 << 14, 1 << 18
+CR4_LA57, CR4_PCIDE = 1 << 12, 1 << 17
+CR0_PG, EFER_LMA = 1 << 31, 1 << 10
+CR3_NOFLUSH = 1 << 63  # SDM 4.10.4.1: with CR4.PCIDE = 1, bit 63 of MOV to CR3's source
 RFLAGS_DF, RFLAGS_IOPL_SHIFT, RFLAGS_VM = 1 << 10, 12, 1 << 17
 MSR_IA32_TSC, MSR_IA32_TSC_AUX = 0x10, 0xC000_0103
 _NOT_EXCEPTIONS = (InterruptionType.EXTERNAL_INTERRUPT, InterruptionType.NMI,
@@ -181,6 +186,9 @@ def intercept(eng: ModelEngine, insn: Insn, linear: int, rip: int) -> None:
     latched = eng.latched
     op = insn.op
     cpl = eng.cpl()
+    if op is Op.INVPCID:
+        _invpcid(eng, latched, insn, linear, rip, cpl)  # Unicorn has no INVPCID: all of it is here
+        return
     if cpl and op in _CPL0_ONLY:
         return  # Unicorn raises the #GP the CPL check gives (SDM 26.1.1)
     handler = _HANDLERS.get(op)
@@ -334,7 +342,10 @@ def _cpuid(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip: int
     leaf, subleaf = gpr(eng, RAX) & 0xFFFF_FFFF, gpr(eng, RCX) & 0xFFFF_FFFF
 
     def complete(_: bytes) -> None:
-        for number, value in zip((RAX, RBX, RCX, RDX), eng.cpuid(leaf, subleaf), strict=True):
+        answer = list(eng.cpuid(leaf, subleaf))
+        if leaf == 7 and subleaf == 0 and not eng.latched.proc2 & ProcBased2.ENABLE_INVPCID:
+            answer[1] &= ~EBX_INVPCID  # SDM 26.3: without "enable INVPCID" INVPCID is #UD
+        for number, value in zip((RAX, RBX, RCX, RDX), answer, strict=True):
             set_gpr(eng, number, value, 4)
         uc.reg_write(R.UC_X86_REG_RIP, rip + insn.length)
     _exit(eng, ExitReason.CPUID, insn, rip, complete=complete)
@@ -434,19 +445,70 @@ def _monitor(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip: i
 
 
 def _invlpg(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip: int, cpl: int) -> None:
-    if insn.op is Op.INVPCID and not latched.proc2 & ProcBased2.ENABLE_INVPCID:
-        eng.raise_event(Event(UD))
-        return
     if not latched.proc & ProcBased.INVLPG_EXITING:
-        return
-    if insn.op is Op.INVPCID:
-        _exit(eng, ExitReason.INVPCID, insn, rip, complete=_native_once(eng, linear),
-              instruction_info=_memory_operand(insn.mem).encode() if insn.mem else 0)
         return
     address = eng.effective_linear(insn.mem, rip + insn.length)
     _exit(eng, ExitReason.INVLPG, insn, rip, qualification=address, linear_address=address,
           exit=Exit(ExitKind.INVLPG, addr=address, qualification=address),
           complete=_native_once(eng, linear))
+
+
+def _gp(eng: ModelEngine) -> None:
+    eng.raise_event(Event(GP, error_code=0))
+
+
+def _canonical(eng: ModelEngine, address: int) -> bool:
+    bits = 57 if eng.cr4() & CR4_LA57 else 48
+    top = address >> (bits - 1)
+    return top in (0, (1 << (65 - bits)) - 1)
+
+
+def _invpcid(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip: int, cpl: int) -> None:
+    """INVPCID (SDM Vol. 2 INVPCID; Vol. 3C 26.3 and 26.1.3): Unicorn's CPU lacks it in every CPU
+    model (it raises #UD), so the model executes it here, in the SDM's order of checks:
+
+    * "enable INVPCID" = 0: #UD, before any other exception (SDM 26.3);
+    * CPL > 0: #GP(0), which has priority over the VM exit (26.1.1); in virtual-8086 mode: #UD;
+    * "INVLPG exiting" = 1 (with "enable INVPCID" = 1): VM exit, basic reason 58, the
+      displacement as exit qualification (28.2.1) and the operand in the instruction-information
+      field (28.2.5); the hypervisor completes it by executing it, as KVM's handle_invpcid does;
+    * otherwise the descriptor's checks (#GP(0): type > 3, descriptor bits 63:12 set, a
+      non-canonical address for type 0, a non-zero PCID for types 0-1 with CR4.PCIDE = 0) and its
+      invalidation: Unicorn's whole TLB (more than the architecture requires), and in the
+      modelled TLB exactly the type's effect (:meth:`hvm.vtx.tlb.TlbModel.invpcid`)."""
+    if not latched.proc2 & ProcBased2.ENABLE_INVPCID or eng.vm86() or insn.reg is None or insn.mem is None:
+        eng.raise_event(Event(UD))
+        return
+    if cpl:
+        _gp(eng)
+        return
+    passing, eng.invpcid_pass = eng.invpcid_pass == linear, None
+    if latched.proc & ProcBased.INVLPG_EXITING and not passing:
+        def complete(_: bytes) -> None:
+            eng.invpcid_pass = linear  # at re-entry the hook executes it without the exit check
+        info = InvInfo(_memory_operand(insn.mem), insn.reg).encode()
+        _exit(eng, ExitReason.INVPCID, insn, rip, qualification=insn.mem.disp & MASK64,
+              instruction_info=info, complete=complete)
+        return
+    uc = eng.uc
+    kind = uc.reg_read(GPR_IDS[insn.reg]) & (MASK64 if eng.cpu.code_bits == 64 else 0xFFFF_FFFF)
+    address = eng.effective_linear(insn.mem, rip + insn.length)
+    if eng.cpu.code_bits == 64 and not _canonical(eng, address):
+        _gp(eng)
+        return
+    descriptor = eng.read_linear(address, 16)  # a #PF or EPT violation here is the instruction's
+    pcid_field = int.from_bytes(descriptor[:8], "little")
+    la = int.from_bytes(descriptor[8:], "little")
+    pcid = pcid_field & 0xFFF
+    pcide = bool(eng.cr4() & CR4_PCIDE)
+    if kind > 3 or pcid_field >> 12 or kind == 0 and not _canonical(eng, la) \
+            or kind in (0, 1) and not pcide and pcid:
+        _gp(eng)
+        return
+    eng.invalidate_tlb()
+    if eng.walks is not None:
+        eng.walks.invpcid(kind, pcid, la)
+    _emulated(eng, insn, rip)
 
 
 def _msr(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip: int, cpl: int) -> None:
@@ -527,6 +589,8 @@ def _mov_to_cr(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip:
         exits = bool(latched.proc & ProcBased.CR8_LOAD_EXITING)
     else:
         return  # CR1, CR5-7: #UD from Unicorn
+    if not exits and cr in (0, 3, 4) and _pcid_rules(eng, cr, value, insn, rip):
+        return
     if cr == 8 and not exits and latched.proc & ProcBased.USE_TPR_SHADOW and _vapic(eng):
         eng.apic.mov_to_cr8(value)  # SDM 30.3: into VTPR, then TPR virtualization
         _emulated(eng, insn, rip)
@@ -534,10 +598,41 @@ def _mov_to_cr(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip:
         return
     if exits:
         def complete(_: bytes) -> None:
+            eng.cpu.sync()
+            if _pcid_gp(eng, cr, value):
+                eng.queue_event(Event(GP, error_code=0))  # the hypervisor's checks, as KVM's kvm_set_cr4/cr0
+                return
             eng.write_cr(cr, value)  # the hypervisor performs the guest's write (and its shadow)
             uc.reg_write(R.UC_X86_REG_RIP, rip + insn.length)
         _cr_exit(eng, insn, rip, linear, CrQualification(cr, CrAccessType.MOV_TO_CR, gpr=insn.reg),
                  complete=complete)
+
+
+def _pcid_gp(eng: ModelEngine, cr: int, value: int) -> bool:
+    """Does this MOV to CR0/CR4 break a PCID rule (SDM Vol. 3A 4.10.1), so that it is #GP(0)?"""
+    cpu = eng.cpu
+    pcide = cpu.cr(4) & CR4_PCIDE
+    if cr == 4 and value & CR4_PCIDE and not pcide:
+        return not cpu.efer & EFER_LMA or bool(cpu.cr(3) & 0xFFF)
+    return cr == 0 and bool(pcide) and not value & CR0_PG
+
+
+def _pcid_rules(eng: ModelEngine, cr: int, value: int, insn: Insn, rip: int) -> bool:
+    """The PCID rules of a MOV to CR0/CR3/CR4 that does not exit, where Unicorn's CPU (which lets
+    CR4.PCIDE be set but implements none of them) differs from the SDM; True if handled here.
+
+    SDM Vol. 3A 4.10.1 and Vol. 2 MOV-to-CR exceptions: #GP(0) for a MOV to CR4 that sets PCIDE
+    with IA32_EFER.LMA = 0 or with CR3[11:0] != 0, and for a MOV to CR0 that clears PG while
+    CR4.PCIDE = 1. SDM 4.10.4.1 and Vol. 2 MOV: with CR4.PCIDE = 1, bit 63 of the source of MOV to
+    CR3 only says "do not invalidate" and is not written to CR3 (Unicorn would store it)."""
+    if _pcid_gp(eng, cr, value):
+        _gp(eng)
+        return True
+    if cr == 3 and eng.cpu.cr(4) & CR4_PCIDE and value & CR3_NOFLUSH:
+        eng.uc.reg_write(R.UC_X86_REG_CR3, value & ~CR3_NOFLUSH)
+        _emulated(eng, insn, rip)
+        return True
+    return False
 
 
 def _mov_from_cr(eng: ModelEngine, latched: Latched, insn: Insn, linear: int, rip: int, cpl: int) -> None:
@@ -659,7 +754,7 @@ _HANDLERS: dict[Op, Callable[..., None]] = {
     Op.WBINVD: _when(ProcBased2.WBINVD_EXITING, True, ExitReason.WBINVD),
     Op.RDRAND: _when(ProcBased2.RDRAND_EXITING, True, ExitReason.RDRAND, "native"),
     Op.RDSEED: _when(ProcBased2.RDSEED_EXITING, True, ExitReason.RDSEED, "native"),
-    Op.INVLPG: _invlpg, Op.INVPCID: _invlpg,
+    Op.INVLPG: _invlpg,
     Op.RDMSR: _msr, Op.WRMSR: _msr,
     Op.MOV_TO_CR: _mov_to_cr, Op.MOV_FROM_CR: _mov_from_cr, Op.CLTS: _clts, Op.LMSW: _lmsw, Op.SMSW: _smsw,
     Op.MOV_TO_DR: _mov_dr, Op.MOV_FROM_DR: _mov_dr,

@@ -35,10 +35,11 @@ Two fidelity modes:
 With ``paging="shadow"`` the processor walks the hypervisor's shadow tables (4-level, 4-KiB
 pages, :mod:`hvm.vmm.shadow`) with EPT off, and so does the accounting walk.
 
-Invalidations reach the modelled TLB as the SDM defines them: the guest's INVLPG, INVPCID and
-MOV to CR0/CR3/CR4 (seen by the engine's sensitive-instruction hooks), VM entry without VPIDs
-(SDM 29.4.3.3), VM exits without VPIDs -- those completed inside the engine too -- and the VMM's
-INVEPT. Not counted: the four PDPTE loads of PAE paging on MOV to
+Invalidations reach the modelled TLB as the SDM defines them: the guest's INVLPG and MOV to
+CR0/CR3/CR4 (seen by the engine's sensitive-instruction hooks; one that faults invalidates
+nothing), INVPCID once it executes (the engine implements it, also when a VMM completes its
+exit), VM entry without VPIDs (SDM 29.4.3.3), VM exits without VPIDs -- those completed inside
+the engine too -- and the VMM's INVEPT. Not counted: the four PDPTE loads of PAE paging on MOV to
 CR3 (registers afterwards, SDM 4.4.1), walks that end in a fault, the engine's own accesses to
 guest memory (instruction decode, I/O emulation), and a data access's second page when it
 crosses a page boundary.
@@ -207,19 +208,13 @@ class TranslationAccounting:
     def sensitive(self, insn: Insn, rip: int) -> None:
         """The guest executes ``insn`` (its hook runs before it does)."""
         op = insn.op
-        if op not in (Op.INVLPG, Op.INVPCID, Op.MOV_TO_CR, Op.CLTS, Op.LMSW):
+        if op not in (Op.INVLPG, Op.MOV_TO_CR, Op.CLTS, Op.LMSW):
             return
         eng = self.engine
         ctx = self.context()
         model = self.model
         if op is Op.INVLPG and insn.mem is not None:
             model.invlpg(ctx, eng.effective_linear(insn.mem, rip + insn.length))
-        elif op is Op.INVPCID and insn.mem is not None and insn.reg is not None:
-            kind = eng.cpu.gpr(insn.reg) & 0xFFFF_FFFF
-            descriptor = eng.read_linear(eng.effective_linear(insn.mem, rip + insn.length), 16)
-            if kind <= 3:
-                model.invpcid(ctx, InvpcidType(kind), pcid=descriptor[0] | (descriptor[1] & 0xF) << 8,
-                              la=int.from_bytes(descriptor[8:], "little"))
         elif op is Op.MOV_TO_CR and insn.reg is not None:
             value = eng.cpu.gpr(insn.reg) & ((1 << (8 * insn.reg_width)) - 1)
             regs = ctx.regs
@@ -231,6 +226,10 @@ class TranslationAccounting:
                                         or regs.cr4 & _CR4_PCIDE and not value & _CR4_PCIDE):
                 model.flush_vpid(ctx.vpid, what="mov_cr4")  # SDM 4.10.4.1: PGE, PAE, PSE, PCIDE 1 -> 0
         self._stale = True  # the instruction may change paging registers
+
+    def invpcid(self, kind: int, pcid: int, la: int) -> None:
+        """The guest executed INVPCID (its checks passed, :func:`hvm.engine.model.instructions._invpcid`)."""
+        self.model.invpcid(self.context(), InvpcidType(kind), pcid=pcid, la=la)
 
     def entered(self) -> None:
         """VM entry: SDM 29.4.3.3 (no VPIDs: linear and combined mappings of VPID 0 go)."""

@@ -14,6 +14,10 @@
  *          with SYSEXIT (IRETQ on AMD) and leaves it with a UD2 whose #UD the
  *          kernel takes as the end of the slice (as a process's system call
  *          would end it); on KVM-on-PVM hosts only ring-3 code runs natively
+ *     pcid=0|1  (default 0) 1: give process p PCID p + 1 (SDM Vol. 3A 4.10.1):
+ *          needs CPUID.01H:ECX.PCID, sets CR4.PCIDE, and each switch loads CR3
+ *          with the PCID and bit 63 set, so it invalidates no TLB entries
+ *          (4.10.4.1); 0: plain CR3 loads, each invalidating PCID 000H's
  *     check                  run the paging self-check instead (see below)
  *
  * Processes: each has its own page-table tree (PML4, PDPT, PD, PT) that maps the
@@ -70,6 +74,19 @@ static inline u64 read_cr2(void)
     u64 v;
     __asm__ volatile("mov %%cr2, %0" : "=r"(v));
     return v;
+}
+static inline u64 read_cr4(void)
+{
+    u64 v;
+    __asm__ volatile("mov %%cr4, %0" : "=r"(v));
+    return v;
+}
+static inline void write_cr4(u64 v) { __asm__ volatile("mov %0, %%cr4" : : "r"(v) : "memory"); }
+static inline u32 cpuid_ecx(u32 leaf)
+{
+    u32 a = leaf, b, c = 0, d;
+    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
+    return c;
 }
 static inline void invlpg(u64 va) { __asm__ volatile("invlpg (%0)" : : "r"(va) : "memory"); }
 
@@ -152,7 +169,7 @@ void ctxsw_trap(u64 *frame) /* vector, error, rip, cs, rflags, rsp, ss */
 
 /* ------------------------------------------------------------- the experiment */
 
-static u32 g_p, g_n, g_k, g_x, g_ring, g_switch;
+static u32 g_p, g_n, g_k, g_x, g_ring, g_switch, g_pcid;
 static volatile u64 g_sum;
 static u8 user_stack[16384] __attribute__((aligned(16)));
 void __attribute__((noreturn)) ctxsw_enter_user(void (*entry)(void), void *stack);
@@ -188,7 +205,8 @@ static void __attribute__((noreturn, noinline)) user_slice(void) /* ring 3 */
 void __attribute__((noreturn)) ctxsw_next(void)
 {
     while (g_switch < g_n) {
-        load_cr3((uptr)trees[g_switch % g_p].pml4);
+        u32 q = g_switch % g_p;
+        load_cr3((uptr)trees[q].pml4 | (g_pcid ? 1UL << 63 | (q + 1) : 0)); /* no flush */
         g_switch++;
         if (g_ring == 3)
             ctxsw_enter_user(user_slice, user_stack + sizeof(user_stack));
@@ -356,8 +374,8 @@ static u32 leading_digits(const char *s) /* the decimal number at s, 0 if none; 
 }
 
 static struct {
-    u32 p, n, k, x, ring, check;
-} arg = {4, 1000, 8, 1, 0, 0};
+    u32 p, n, k, x, ring, check, pcid;
+} arg = {4, 1000, 8, 1, 0, 0, 0};
 
 static int take_word(const char *s) /* unknown words are ignored; values are checked later */
 {
@@ -372,6 +390,8 @@ static int take_word(const char *s) /* unknown words are ignored; values are che
         arg.x = leading_digits(v);
     else if (starts_with(s, "ring=", &v))
         arg.ring = leading_digits(v);
+    else if (starts_with(s, "pcid=", &v))
+        arg.pcid = leading_digits(v);
     else if (word_is(s, "check"))
         arg.check = 1;
     return 1;
@@ -388,7 +408,13 @@ void __attribute__((noreturn)) ctxsw_main(u32 cmdline)
         rt_puts("ctxsw: error: p must be 1..8, k 1..64, x 0..16 and ring 0 or 3\n");
         guest_exit(1);
     }
-    g_p = p, g_n = arg.n, g_k = k, g_x = arg.x, g_ring = arg.ring;
+    if (arg.pcid > 1 || (arg.pcid && !(cpuid_ecx(1) & (1U << 17)))) {
+        rt_puts("ctxsw: error: pcid=1 needs CPUID.01H:ECX.PCID (pcid is 0 or 1)\n");
+        guest_exit(1);
+    }
+    if (arg.pcid)
+        write_cr4(read_cr4() | 1UL << 17); /* CR3[11:0] is 0 here: SDM 4.10.1 */
+    g_p = p, g_n = arg.n, g_k = k, g_x = arg.x, g_ring = arg.ring, g_pcid = arg.pcid;
     for (u32 q = 0; q < p; q++)
         build_tree(q, k);
     ctxsw_next();
