@@ -96,7 +96,7 @@ def _kernel_2m_pages() -> int:
     from hvm import guests
 
     names = ("ctxsw_next", "user_slice", "ctxsw_slice_end", "ctxsw_enter_user", "g_sum", "g_switch", "g_p",
-             "g_k", "g_x", "user_stack", "ctxsw_stack")
+             "g_k", "g_x", "user_stack", "long64_kstack")
     with open(guests.image_path("ctxsw"), "rb") as f:
         table = ELFFile(f).get_section_by_name(".symtab")
         found = {s.name: s["st_value"] for s in table.iter_symbols() if s.name in names}
