@@ -39,7 +39,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row
+from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row, save_figure
 
 SECTION = "原理与机制 › 微调的艺术"
 QUOTE = ("像 APICv 和 AVIC 这样的高级特性对硬件中断也做同样的处理，"
@@ -289,11 +289,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
         ax.set_title(f"{engine}: exits per delivered interrupt, by kind (console I/O left out)", fontsize=9)
         ax.set_ylabel("exits / interrupt")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = out_dir / "apicv-exits.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir, "apicv-exits.png")]
 
 
 EXPERIMENT = Experiment(

@@ -49,7 +49,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row
+from hvm.lab.base import ChapterFigure, Comparison, Experiment, Progress, Row, save_figure
 
 MEM = 64 << 20
 MEMORY_SECTION = "原理与机制 › 攻克内存和 I/O › 内存的双体问题"
@@ -380,11 +380,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
     r0 = model[0]
     fig.suptitle(f"ctxsw: p={r0['p']} processes, n={r0['n']} CR3 switches, k={r0['k']} pages, "
                  f"x={r0['x']} port writes per slice", fontsize=9)
-    fig.tight_layout()
-    path = out_dir / "context-switch.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path, *paths]
+    return [save_figure(fig, out_dir, "context-switch.png"), *paths]
 
 
 def _plot_pcid(rows: list[Row], out_dir: Path) -> list[Path]:
@@ -410,11 +406,7 @@ def _plot_pcid(rows: list[Row], out_dir: Path) -> list[Path]:
     r0 = rows[0]
     fig.suptitle(f"ctxsw under EPT, VPID on, detailed TLB: p={r0['p']}, k={r0['k']}, steady state over "
                  f"{r0['n'] - r0['p']} switches", fontsize=9)
-    fig.tight_layout()
-    path = out_dir / "context-switch-pcid.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir, "context-switch-pcid.png")]
 
 
 EXPERIMENT = Experiment(
