@@ -396,48 +396,6 @@ isr_unexpected:
         hlt
         jmp     1b
 
-# 64-bit console helpers: COM1 polled like lib.inc's.
-putc64:
-        push    rcx
-        push    rdx
-        push    rax
-        mov     dx, COM1_PORT + UART_LSR
-        mov     ecx, THRE_POLL_LIMIT
-1:
-        in      al, dx
-        test    al, LSR_THRE
-        jnz     2f
-        dec     ecx
-        jnz     1b
-2:
-        pop     rax
-        mov     dx, COM1_PORT + UART_THR
-        out     dx, al
-        pop     rdx
-        pop     rcx
-        ret
-
-puts64:
-        push    rax
-        push    rsi
-1:
-        lodsb
-        test    al, al
-        jz      2f
-        call    putc64
-        jmp     1b
-2:
-        pop     rsi
-        pop     rax
-        ret
-
-newline64:
-        push    rax
-        mov     al, '\n'
-        call    putc64
-        pop     rax
-        ret
-
 # put_if64: "1" or "0" for RFLAGS.IF in RAX.
 put_if64:
         push    rax
@@ -448,33 +406,7 @@ put_if64:
         pop     rax
         ret
 
-# put_hex64: EAX as "0x" and 8 hex digits.
-put_hex64:
-        push    rax
-        push    rcx
-        push    rdx
-        mov     edx, eax
-        mov     al, '0'
-        call    putc64
-        mov     al, 'x'
-        call    putc64
-        mov     ecx, 8
-1:
-        rol     edx, 4
-        mov     al, dl
-        and     al, 0x0F
-        add     al, '0'
-        cmp     al, '9'
-        jbe     2f
-        add     al, 'a' - '0' - 10
-2:
-        call    putc64
-        dec     ecx
-        jnz     1b
-        pop     rdx
-        pop     rcx
-        pop     rax
-        ret
+        .include "lib/serial64.inc"   # putc64, puts64, newline64, put_hex64, put_dec64
 
         .section .rodata
 m_hello:        .asciz "trapkern: protected mode, CR0="
