@@ -376,7 +376,7 @@ def plot(rows: list[Row], out_dir: Path) -> list[Path]:
                 lo, hi = min(xs), max(xs)
                 line = [f["lambda_cpu"] + f["lambda_io"] * lo, f["lambda_cpu"] + f["lambda_io"] * hi]
                 ax.plot([lo, hi], line, "-", color=colors[config],
-                        label=f"fit: {f['lambda_cpu']:.3g} + {f['lambda_io']:.3g}·x")
+                        label=f"fit: {f['lambda_cpu']:.3f} + {f['lambda_io']:.3f}·x")
         base, on = fitted.get((engine, "baseline")), fitted.get((engine, "features"))
         if base and on:
             r, se = reduction(base, on)
