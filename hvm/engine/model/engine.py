@@ -411,8 +411,17 @@ class ModelEngine(Engine):
         return 0 if pending is None or self._read_data else pending.read_size
 
     def set_irq(self, line: int, level: bool) -> None:
-        # No PIC or I/O APIC in the model (its local APIC takes no IRQ lines): recorded, not delivered.
+        # No PIC in the model: with a local APIC the VMM's I/O APIC (attach_ioapic) routes the line,
+        # otherwise it is recorded, not delivered.
         self._irq_lines[line] = level
+        if self.apic is not None and self.apic.ioapic is not None:
+            self.apic.ioapic.set_irq(line, level)
+
+    def attach_ioapic(self, ioapic) -> bool:
+        if self.apic is None:
+            return False
+        self.apic.attach_ioapic(ioapic)
+        return True
 
     def kick(self) -> None:
         # Called from signal handlers too: it must take no lock (a handler that waits for a lock
