@@ -48,9 +48,10 @@ on it and stops the emulation, the VMM's handler (a timeout or poller tick, whic
 A local APIC is there on request: ``ModelEngine(memory, apic="legacy")`` injects its interrupts
 through VM-entry interruption information with interrupt-window exiting, ``apic="apicv"`` uses
 APIC virtualization and posted interrupts (:mod:`~hvm.engine.model.apic`); the default ``"off"``
-has none.
+has none. With a local APIC, device IRQ lines go through the VMM's I/O APIC
+(:mod:`hvm.devices.ioapic`, :meth:`ModelEngine.attach_ioapic`); without one they reach nothing.
 
-Not modelled (``capabilities()`` says so): an I/O APIC or PIC (device IRQ lines reach nothing),
+Not modelled (``capabilities()`` says so): a PIC,
 NMI-window exiting, the preemption timer; PAUSE-loop exiting; task switches through task gates;
 virtual-8086 mode; SMM. CR0.NE and CR4.VMXE are not fixed to 1 for guests (see :mod:`~hvm.engine.model.vmcs`).
 """
