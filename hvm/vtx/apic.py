@@ -364,6 +364,11 @@ class LocalApic:
                 self.level_eoi(vector)  # SDM 11.8.5: the EOI message to the I/O APIC(s)
         return vector
 
+    def set_trigger_mode(self, vector: int, level: bool) -> None:
+        """The TMR bit of an interrupt accepted by another path (posted, SDM Vol. 3C 30.6) - as KVM's
+        __apic_accept_irq keeps TMR with APICv too."""
+        self._setbit(TMR, vector, level)
+
     def matches(self, destination: int, logical: bool) -> bool:
         """Whether an interrupt message's destination (physical APIC ID or logical mask) names this APIC."""
         return self._matches(destination, logical)

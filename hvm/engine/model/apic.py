@@ -445,6 +445,7 @@ class ApicSupport:
         assert self.pi is not None
         if vector < 16:
             return self.lapic.set_irr(vector, level)  # the LocalApic's own illegal-vector rule
+        self.lapic.set_trigger_mode(vector, level)  # level: an I/O APIC's level-triggered interrupt
         if self.pi.post(vector):
             self.stats["posted_notifications"] += 1
         self.stats["posted"] += 1
