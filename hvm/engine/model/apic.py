@@ -143,6 +143,7 @@ class ApicSupport:
         self._prev_sti = False
         self._window = False  # the watch saw the window open
         self.ioapic = None  # the VMM's I/O APIC, if attached
+        self._line_raised = threading.Event()  # an I/O APIC message waits: a halted vCPU wakes at once
         self._intercept_msrs()
         engine.cpuid = _X2apicCpuid(engine.cpuid)
         self.vapic: VirtualApic | None = None
@@ -203,6 +204,7 @@ class ApicSupport:
         """A line raised (maybe from another thread): stop a running guest so that the next instruction
         boundary sends the message (a halted vCPU finds it in :meth:`wake`)."""
         eng = self.engine
+        self._line_raised.set()
         if eng._running:
             try:
                 eng.uc.emu_stop()
@@ -582,6 +584,11 @@ class ApicSupport:
         if self.vapic is None:
             return self.lapic.pending() is not None and self._interruptible()
         return bool(self.pi is not None and self.pi.on) or self.vapic.evaluate()
+
+    def idle(self) -> None:
+        """The halted vCPU waits: until the next timer expiry is near or an I/O APIC line is raised."""
+        self._line_raised.wait(self.idle_sleep())
+        self._line_raised.clear()
 
     def idle_sleep(self) -> float:
         """How long the halted vCPU may sleep before the next timer expiry."""

@@ -755,7 +755,10 @@ class ModelEngine(Engine):
             if apic is not None and apic.wake():
                 return True
             # a host signal's handler sets the flag; no lock is shared with it
-            time.sleep(0.002 if apic is None else apic.idle_sleep())
+            if apic is None:
+                time.sleep(0.002)
+            else:
+                apic.idle()
         return False
 
     def _start_watcher(self) -> None:
