@@ -27,6 +27,8 @@ INPUT = b"hi ioapic!~"
 TRANSCRIPT = (
     b"uartirq: ioapic id 0x00000000 version 0x00170011 arb 0x00000000\n"
     b"uartirq: redirection entry 4 at reset 0x00000000 0x00010000\n"
+    b"uartirq: id after writing 0xffffffff 0x0f000000 arb 0x0f000000 arb 0x0f000000"
+    b" index 0x03 0xffffffff index 0x40 0xffffffff index 0xff 0xffffffff\n"
     b"uartirq: programmed 0x00008034\n"
     b"uartirq: ready\n"
     b"hi ioapic!~\n"

@@ -13,7 +13,8 @@ delivery mode 10:8, destination mode 11, delivery status 12 (RO), polarity 13, r
 trigger mode 15, mask 16 (1 at reset: default value xxx1 xxxx xxxx xxxxh), destination 63:56.
 The version reported, 11h with maximum entry 17h (IOAPICVER = 0x00170011), is the 82093AA's and
 what KVM's in-kernel IOAPIC reports (QEMU with -accel kvm uses that one); the ID and the arbitration
-ID are 0 after reset and the arbitration register reads the ID as KVM's does. A version 11h IOAPIC
+ID are 0 after reset and the arbitration register reads the ID, and an index with no register (03h-0Fh,
+40h-FFh) reads all ones, as KVM's does (observed with uartirq under QEMU -accel kvm). A version 11h IOAPIC
 has no EOI register (that came with the 20h I/O xAPIC), so EOIs arrive only as the local APIC's EOI
 messages (:meth:`eoi`). Reserved bits of an entry keep what the guest writes, as KVM and QEMU do.
 
@@ -127,7 +128,7 @@ class IoApic:
             pin = (index - IOREDTBL) >> 1
             entry = self.redir[pin] | (DELIVS if self._send[pin] else 0)
             return entry >> 32 if index & 1 else entry & 0xFFFF_FFFF
-        return 0
+        return 0xFFFF_FFFF  # an index the datasheet defines no register for: all ones, as KVM's IOAPIC
 
     def _write_indirect(self, index: int, value: int) -> None:
         if index == IOAPICID:

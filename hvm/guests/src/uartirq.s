@@ -8,6 +8,9 @@
 #     (SVR = 0x1FF), builds an IDT with a handler for vector 0x34;
 #   * reads the I/O APIC at 0xFEC00000 (82093AA datasheet 3.1: IOREGSEL at 0x00, IOWIN at 0x10)
 #     and prints IOAPICID, IOAPICVER, IOAPICARB and redirection entry 4 as found;
+#   * writes all ones to IOAPICID and prints it (only bits 27:24 hold the ID, 3.2.1) and IOAPICARB
+#     before and after a write of 0 to it (read-only, 3.2.3), sets the ID back to 0, and prints the
+#     registers at indexes 0x03, 0x40 and 0xFF (none defined);
 #   * programs redirection entry 4 (ISA IRQ 4, COM1; datasheet 3.2.4): vector 0x34, fixed,
 #     physical destination = this APIC's ID, active high, level-triggered (edge-triggered with
 #     the word `edge` on the command line), unmasked - high word first, the low word (which
@@ -242,6 +245,36 @@ long_entry:
         call    put_hex64
         call    newline64
 
+        # --- IOAPICID is writable (bits 27:24), IOAPICARB not; indexes beyond the table ---------
+        mov     eax, IOAPICID
+        mov     edx, 0xFFFFFFFF
+        call    ioapic_write
+        lea     rsi, [rip + m_idw]
+        mov     eax, IOAPICID
+        call    print_reg
+        lea     rsi, [rip + m_arb]
+        mov     eax, IOAPICARB
+        call    print_reg
+        mov     eax, IOAPICARB
+        xor     edx, edx
+        call    ioapic_write
+        lea     rsi, [rip + m_arb]
+        mov     eax, IOAPICARB
+        call    print_reg
+        mov     eax, IOAPICID
+        xor     edx, edx
+        call    ioapic_write
+        lea     rsi, [rip + m_ix3]
+        mov     eax, 0x03
+        call    print_reg
+        lea     rsi, [rip + m_ix40]
+        mov     eax, 0x40
+        call    print_reg
+        lea     rsi, [rip + m_ixff]
+        mov     eax, 0xFF
+        call    print_reg
+        call    newline64
+
         # --- redirection entry 4: vector 0x34 to this APIC ------------------------------------
         mov     edx, [rbx + APIC_ID]    # bits 31:24 = APIC ID = destination field 63:56
         and     edx, 0xFF000000
@@ -344,6 +377,10 @@ k_edge:         .asciz "edge"
 m_id:           .asciz "uartirq: ioapic id "
 m_ver:          .asciz " version "
 m_arb:          .asciz " arb "
+m_idw:          .asciz "uartirq: id after writing 0xffffffff "
+m_ix3:          .asciz " index 0x03 "
+m_ix40:         .asciz " index 0x40 "
+m_ixff:         .asciz " index 0xff "
 m_redir:        .asciz "uartirq: redirection entry 4 at reset "
 m_programmed:   .asciz "uartirq: programmed "
 m_ready:        .asciz "uartirq: ready\n"
