@@ -92,6 +92,12 @@ class Engine(ABC):
         """Deliver ``controller``'s interrupts to the guest (only when ``userspace_lapic``)."""
         raise NotImplementedError(f"the {self.name} engine has its own interrupt controller")
 
+    def attach_ioapic(self, ioapic) -> bool:
+        """Route ``set_irq`` lines to ``ioapic`` (an :class:`hvm.devices.ioapic.IoApic`), which delivers to
+        the local APIC the VMM emulates; False when the engine has no such APIC (an in-kernel irqchip
+        routes the lines itself, or there is no local APIC). Called after any attach_interrupt_controller."""
+        return False
+
     def tsc_hz(self) -> float | None:
         """The guest's time-stamp-counter frequency, if the engine knows it."""
         return None

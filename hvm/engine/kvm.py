@@ -13,8 +13,9 @@ set; otherwise it sets ``request_interrupt_window`` and KVM returns with
 KVM_EXIT_IRQ_WINDOW_OPEN as soon as the guest can take it (Documentation/virt/kvm/api.rst,
 "KVM_INTERRUPT", "kvm_run"). A halted vCPU sleeps in userspace until an interrupt is pending.
 CPUID hides x2APIC and the TSC-deadline timer in this mode: the VMM's APIC is reached through
-its MMIO page only. ISA interrupt lines (``set_irq``) have no PIC or IOAPIC to reach and are
-counted in ``counters()["isa_irqs_dropped"]``.
+its MMIO page only. ISA interrupt lines (``set_irq``) go to the VMM's I/O APIC
+(:mod:`hvm.devices.ioapic`, see :meth:`KvmEngine.attach_ioapic`), which the engine services before each
+entry; without one they are counted in ``counters()["isa_irqs_dropped"]``.
 
 The exits that reach userspace are turned into :class:`hvm.exits.Exit` records here. The
 kernel's own exit counters come from the vCPU's binary statistics fd.
@@ -99,6 +100,7 @@ class KvmEngine(Engine):
         self.irqchip = irqchip
         self.userspace_lapic = irqchip == "user"
         self._controller: InterruptController | None = None
+        self._ioapic = None
         self._halted = False
         self.irq_stats = {"injected": 0, "window_requests": 0, "halt_sleeps": 0, "isa_irqs_dropped": 0}
         self.system = open_system(path)
@@ -179,9 +181,19 @@ class KvmEngine(Engine):
             raise NotImplementedError("the kvm engine with irqchip='kernel' has the kernel's local APIC")
         self._controller = controller
 
+    def attach_ioapic(self, ioapic) -> bool:
+        if not self.userspace_lapic or self._controller is None:
+            return False
+        ioapic.connect(self._controller.apic)
+        self._ioapic = ioapic
+        return True
+
     def _before_entry(self, ctrl: InterruptController) -> Exit | None:
         """Inject what the controller has pending, or ask KVM for an interrupt window; sleep while halted."""
         mm = self.mm
+        ioapic = self._ioapic
+        if ioapic is not None:
+            ioapic.service()
         ctrl.tick()
         if self._halted:
             # HLT with IF set (the Machine stops the run on HLT with IF clear): the vCPU sleeps until
@@ -193,6 +205,8 @@ class KvmEngine(Engine):
                 wait = ctrl.seconds_to_next()
                 self.irq_stats["halt_sleeps"] += 1
                 time.sleep(HALT_SLEEP_MAX_S if wait is None else min(max(wait, 0.0), HALT_SLEEP_MAX_S))
+                if ioapic is not None:
+                    ioapic.service()  # a line the input thread raised meanwhile
                 ctrl.tick()
             self._halted = False
         if ctrl.pending() is None:
@@ -372,7 +386,10 @@ class KvmEngine(Engine):
 
     def set_irq(self, line: int, level: bool) -> None:
         if self.irqchip == "user":
-            self.irq_stats["isa_irqs_dropped"] += 1  # no PIC or IOAPIC: the line reaches nothing
+            if self._ioapic is not None:
+                self._ioapic.set_irq(line, level)
+            else:
+                self.irq_stats["isa_irqs_dropped"] += 1  # no PIC or IOAPIC: the line reaches nothing
             return
         self.vm.irq_line(line, int(level))
 

@@ -125,6 +125,9 @@ GUESTS: dict[str, str] = {
     "apictick": "the apicv experiment's guest: xAPIC at 0xFEE00000 in long mode; a TPR check, M self-IPIs "
     "(ipis=M, default 50) and N periodic 1-ms APIC timer ticks (n=N, default 50; waits with PAUSE, or "
     "HLT with 'hlt'), an EOI each; then 'apictick: ticks N ipis M spurious 0'",
+    "uartirq": "interrupt-driven COM1 input: I/O APIC entry 4 (level-triggered, 'edge': edge) -> vector "
+    "0x34 at the xAPIC; prints the I/O APIC's registers, 'uartirq: ready', echoes each byte in the "
+    "handler until '~', then the entry seen in service and 'uartirq: done'",
 }
 """Guest name -> what it does."""
 
@@ -147,6 +150,7 @@ GUEST_FORMAT: dict[str, str] = {
     "ctxsw": "multiboot",
     "exitmix": "multiboot",
     "apictick": "multiboot",
+    "uartirq": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16``, ``flat32`` or ``flat64``."""
 

@@ -21,6 +21,7 @@ from hvm.boot import ImageFormat
 from hvm.cpu import RFLAGS_IF, CpuState
 from hvm.devices.base import StopMachine
 from hvm.devices.debug_exit import DEFAULT_PORT, DEFAULT_SIZE, DebugExit, Port80
+from hvm.devices.ioapic import IoApic
 from hvm.devices.uart16550 import Uart16550
 from hvm.engine import create_engine, resolve_engine_name
 from hvm.errors import EXIT_GUEST_CRASH, EXIT_OK, EXIT_TIMEOUT, HvmError, SetupError
@@ -87,6 +88,13 @@ class Machine:
             self.lapic = LapicDevice()
             self.mmio.register(self.lapic.base, self.lapic.size, self.lapic)
             self.engine.attach_interrupt_controller(self.lapic)
+        #: The VMM's I/O APIC at 0xFEC00000, when the VMM emulates the local APIC (KVM with
+        #: irqchip="user", the model engine with apic="legacy"|"apicv"): ISA IRQ n -> its pin n.
+        self.ioapic: IoApic | None = None
+        ioapic = IoApic()
+        if self.engine.attach_ioapic(ioapic):
+            self.ioapic = ioapic
+            self.mmio.register(ioapic.base, ioapic.size, ioapic)
         self._lock = threading.Lock()
         self._pollers: list[_Poller] = []
         if self.lapic is not None:

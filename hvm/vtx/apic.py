@@ -213,6 +213,10 @@ class LocalApic:
         #: ``accept(vector, level) -> bool``, by default :meth:`set_irr`. A VMM that posts interrupts
         #: (SDM Vol. 3C 30.6) or injects them by another path replaces it.
         self.accept: Callable[[int, bool], bool] = self.set_irr
+        #: Called with the vector when an EOI retires a level-triggered interrupt (its TMR bit set):
+        #: SDM 11.8.5, the local APIC then broadcasts an EOI message to the I/O APICs. (The version
+        #: register reports no EOI-broadcast suppression, so every such EOI is broadcast.)
+        self.level_eoi: Callable[[int], None] | None = None
         self._reset_registers()
 
     # ----------------------------------------------------------------- state
@@ -356,7 +360,18 @@ class LocalApic:
         if vector is not None:
             self._setbit(ISR, vector, False)
             self.stats["eoi"] += 1
+            if self._bit(TMR, vector) and self.level_eoi is not None:
+                self.level_eoi(vector)  # SDM 11.8.5: the EOI message to the I/O APIC(s)
         return vector
+
+    def set_trigger_mode(self, vector: int, level: bool) -> None:
+        """The TMR bit of an interrupt accepted by another path (posted, SDM Vol. 3C 30.6) - as KVM's
+        __apic_accept_irq keeps TMR with APICv too."""
+        self._setbit(TMR, vector, level)
+
+    def matches(self, destination: int, logical: bool) -> bool:
+        """Whether an interrupt message's destination (physical APIC ID or logical mask) names this APIC."""
+        return self._matches(destination, logical)
 
     def _error(self, bits: int) -> None:
         """SDM 11.5.3: record an error and, if its LVT entry is unmasked, signal the error interrupt."""

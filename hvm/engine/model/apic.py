@@ -46,7 +46,11 @@ keeps every x2APIC MSR access exiting (31/32) and emulates it on the LocalApic.
 lets through RDMSR of the readable registers (not the current count) and WRMSR
 of TPR, EOI and SELF IPI, which the processor virtualizes on the virtual-APIC
 page (SDM Vol. 3C 30.5); the other writes exit (32) and are emulated.
-Not connected: level-triggered interrupts' EOI exits (no I/O APIC).
+An I/O APIC (:mod:`hvm.devices.ioapic`, :meth:`ApicSupport.attach_ioapic`) delivers device interrupts
+to this LocalApic: ``legacy`` into the IRR (with the TMR bit for level-triggered ones, whose EOI then
+reaches the I/O APIC as an EOI message, SDM Vol. 3A 11.8.5); ``apicv`` posts them, and as KVM does
+(its IOAPIC scan) sets the EOI-exit bitmap bit of every level-triggered vector, so that the guest's
+EOI of it is an EOI-induced VM exit (45, SDM Vol. 3C 30.1.4) the hypervisor forwards to the I/O APIC.
 """
 
 from __future__ import annotations
@@ -138,6 +142,8 @@ class ApicSupport:
         self._hook_stale = False
         self._prev_sti = False
         self._window = False  # the watch saw the window open
+        self.ioapic = None  # the VMM's I/O APIC, if attached
+        self._line_raised = threading.Event()  # an I/O APIC message waits: a halted vCPU wakes at once
         self._intercept_msrs()
         engine.cpuid = _X2apicCpuid(engine.cpuid)
         self.vapic: VirtualApic | None = None
@@ -185,6 +191,43 @@ class ApicSupport:
         vmcs.vmwrite(F.GUEST_INTR_STATUS, 0)
         self.vapic = VirtualApic(VirtualApicPage(self.lapic.page), ApicvControls.from_vmcs(vmcs))
         self.lapic.accept = self._post  # the hypervisor's interrupts for the guest are posted
+
+    # --- the I/O APIC ---------------------------------------------------------------------------
+    def attach_ioapic(self, ioapic) -> None:
+        self.ioapic = ioapic
+        ioapic.connect(self.lapic)
+        ioapic.on_pending = self._ioapic_pending
+        if self.vapic is not None:
+            ioapic.on_change = self._eoi_exit_bitmap
+
+    def _ioapic_pending(self) -> None:
+        """A line raised (maybe from another thread): stop a running guest so that the next instruction
+        boundary sends the message (a halted vCPU finds it in :meth:`wake`)."""
+        eng = self.engine
+        self._line_raised.set()
+        if eng._running:
+            try:
+                eng.uc.emu_stop()
+            except Exception:  # noqa: BLE001 - the engine is closing
+                pass
+
+    def _eoi_exit_bitmap(self) -> None:
+        """EOI-exit bitmap = the I/O APIC's level-triggered vectors (as KVM's ioapic scan, SDM 25.6.8)."""
+        assert self.ioapic is not None and self.vapic is not None
+        bitmap = 0
+        for vector in self.ioapic.level_vectors():
+            bitmap |= 1 << vector
+        vmcs = self.engine.vmcs
+        for i, field in enumerate((F.EOI_EXIT_BITMAP0, F.EOI_EXIT_BITMAP1, F.EOI_EXIT_BITMAP2,
+                                   F.EOI_EXIT_BITMAP3)):
+            vmcs.vmwrite(field, bitmap >> 64 * i & (1 << 64) - 1)
+        self.vapic.controls = ApicvControls.from_vmcs(vmcs)
+
+    def _eoi_induced(self, vector: int) -> None:
+        """EOI-induced VM exit (SDM Vol. 3C 30.1.4, qualification = the vector): the EOI message."""
+        self.stats["eoi_induced"] += 1
+        if self.ioapic is not None:
+            self.ioapic.eoi(vector)
 
     # --- counters ---------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
@@ -249,6 +292,8 @@ class ApicSupport:
                     value = vapic.page.read32(exit_.qualification)
                     offset = exit_.qualification
                 elif exit_.reason is not ExitReason.APIC_ACCESS:
+                    if exit_.reason is ExitReason.EOI_INDUCED:
+                        self._eoi_induced(exit_.qualification)
                     self._changed()  # EOI-induced / TPR below threshold: nothing more to emulate
                     return
         else:
@@ -357,6 +402,8 @@ class ApicSupport:
                                          now=self._now())
                     except ApicGP:
                         eng.queue_event(Event(GP, error_code=0))
+                elif exit_.reason is ExitReason.EOI_INDUCED:
+                    self._eoi_induced(exit_.qualification)
                 self._changed()
             info = ExitInfo(int(exit_.reason), exit_.qualification)
             eng.take_exit(VmExit(exit_.reason, info, None, complete))
@@ -400,6 +447,7 @@ class ApicSupport:
         assert self.pi is not None
         if vector < 16:
             return self.lapic.set_irr(vector, level)  # the LocalApic's own illegal-vector rule
+        self.lapic.set_trigger_mode(vector, level)  # level: an I/O APIC's level-triggered interrupt
         if self.pi.post(vector):
             self.stats["posted_notifications"] += 1
         self.stats["posted"] += 1
@@ -413,6 +461,8 @@ class ApicSupport:
             return  # in the middle of an instruction's MMIO emulation
         if self._hook_stale:
             self._unhook()
+        if self.ioapic is not None:
+            self.ioapic.service()
         due, self._due = self._due, False
         fired = self.lapic.tick(self._now())
         if fired:
@@ -528,10 +578,17 @@ class ApicSupport:
     # --- HLT and the timer thread --------------------------------------------------------------
     def wake(self) -> bool:
         """The halted vCPU: is there an interrupt for it now (timer included)? Then it wakes."""
+        if self.ioapic is not None:
+            self.ioapic.service()
         self.lapic.tick(self._now())
         if self.vapic is None:
             return self.lapic.pending() is not None and self._interruptible()
         return bool(self.pi is not None and self.pi.on) or self.vapic.evaluate()
+
+    def idle(self) -> None:
+        """The halted vCPU waits: until the next timer expiry is near or an I/O APIC line is raised."""
+        self._line_raised.wait(self.idle_sleep())
+        self._line_raised.clear()
 
     def idle_sleep(self) -> float:
         """How long the halted vCPU may sleep before the next timer expiry."""

@@ -48,9 +48,10 @@ on it and stops the emulation, the VMM's handler (a timeout or poller tick, whic
 A local APIC is there on request: ``ModelEngine(memory, apic="legacy")`` injects its interrupts
 through VM-entry interruption information with interrupt-window exiting, ``apic="apicv"`` uses
 APIC virtualization and posted interrupts (:mod:`~hvm.engine.model.apic`); the default ``"off"``
-has none.
+has none. With a local APIC, device IRQ lines go through the VMM's I/O APIC
+(:mod:`hvm.devices.ioapic`, :meth:`ModelEngine.attach_ioapic`); without one they reach nothing.
 
-Not modelled (``capabilities()`` says so): an I/O APIC or PIC (device IRQ lines reach nothing),
+Not modelled (``capabilities()`` says so): a PIC,
 NMI-window exiting, the preemption timer; PAUSE-loop exiting; task switches through task gates;
 virtual-8086 mode; SMM. CR0.NE and CR4.VMXE are not fixed to 1 for guests (see :mod:`~hvm.engine.model.vmcs`).
 """
@@ -411,8 +412,17 @@ class ModelEngine(Engine):
         return 0 if pending is None or self._read_data else pending.read_size
 
     def set_irq(self, line: int, level: bool) -> None:
-        # No PIC or I/O APIC in the model (its local APIC takes no IRQ lines): recorded, not delivered.
+        # No PIC in the model: with a local APIC the VMM's I/O APIC (attach_ioapic) routes the line,
+        # otherwise it is recorded, not delivered.
         self._irq_lines[line] = level
+        if self.apic is not None and self.apic.ioapic is not None:
+            self.apic.ioapic.set_irq(line, level)
+
+    def attach_ioapic(self, ioapic) -> bool:
+        if self.apic is None:
+            return False
+        self.apic.attach_ioapic(ioapic)
+        return True
 
     def kick(self) -> None:
         # Called from signal handlers too: it must take no lock (a handler that waits for a lock
@@ -745,7 +755,10 @@ class ModelEngine(Engine):
             if apic is not None and apic.wake():
                 return True
             # a host signal's handler sets the flag; no lock is shared with it
-            time.sleep(0.002 if apic is None else apic.idle_sleep())
+            if apic is None:
+                time.sleep(0.002)
+            else:
+                apic.idle()
         return False
 
     def _start_watcher(self) -> None:
