@@ -122,6 +122,9 @@ GUESTS: dict[str, str] = {
     "exitmix": "the exit-rate experiment's mixed workload at ring 0: units of CPU work, IA32_TSC_AUX "
     "'system calls', command-device I/O at a chosen intensity (design=pio|mmio|dirty io=K per unit), "
     "self-IPIs and a periodic local APIC timer; one 'exitmix ...' summary line; C, see src/exitmix.c",
+    "selfmap": "edits its page tables through a recursive PML4 entry (PML4[510] -> PML4): maps, remaps "
+    "(INVLPG) and unmaps a page and writes the PML4 through itself; prints what it reads, the A/D flags "
+    "and the #PFs, then 'selfmap: done'; assembly on lib/long64.inc",
     "apictick": "the apicv experiment's guest: xAPIC at 0xFEE00000 in long mode; a TPR check, M self-IPIs "
     "(ipis=M, default 50) and N periodic 1-ms APIC timer ticks (n=N, default 50; waits with PAUSE, or "
     "HLT with 'hlt'), an EOI each; then 'apictick: ticks N ipis M spurious 0'",
@@ -147,6 +150,7 @@ GUEST_FORMAT: dict[str, str] = {
     "ctxsw": "multiboot",
     "exitmix": "multiboot",
     "apictick": "multiboot",
+    "selfmap": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16``, ``flat32`` or ``flat64``."""
 
@@ -157,6 +161,7 @@ C_SOURCES: dict[str, tuple[str, ...]] = {
     "iobench": ("iobench.c", "lib/rt.c", "lib/cmd.c"),
     "ctxsw": ("ctxsw.c", "lib/rt.c"),
     "exitmix": ("exitmix.c", "lib/rt.c", "lib/cmd.c"),
+    "selfmap": (),  # the long64.inc boot path with an assembly body: no C
 }
 """Guest name -> freestanding C files in ``src/`` (its own, then the shared runtime's).
 
