@@ -689,16 +689,20 @@ class ModelEngine(Engine):
             self.cpu.sync()
             step = self._write_step  # one instruction alone: a write through a self-mapped table
             if step:
-                self.shadow.stepping = True
+                exit_ = self._arm_write_step()
+                if exit_ is not None:
+                    self._running = False
+                    return exit_
                 before = self._step_regs()
             try:
-                uc.emu_start(self.cpu.rip, 0, count=1 if step else 0)
+                uc.emu_start(self.cpu.rip, 0)
             except UcError as exc:
                 error = exc
             finally:
                 self._running = False
                 if step:
                     self._write_step = False
+                    self._stop_at = None
                     self.shadow.close_writes()
             if step:
                 exit_ = self._after_write_step(before)
@@ -760,6 +764,30 @@ class ModelEngine(Engine):
                 self._kicked = False
                 return Exit(ExitKind.INTR)
 
+    def _arm_write_step(self) -> Exit | None:
+        """Make the coming run stop after the instruction at RIP (a hook at the next one, as for an
+        MMIO replay: :meth:`_arm_stop`), which writes a page table through a self-mapped table.
+        A stop hook, not an instruction count: a write to the page the instruction runs from makes
+        QEMU retranslate and re-execute it, which Unicorn's instruction count does not survive."""
+        self.cpu.sync()
+        rip = self.cpu.rip
+        linear_rip = self.segment_base(1) + rip
+        try:
+            insn = self._summary(linear_rip)
+        except (Fault, EptExit, _NotRam):
+            insn = None
+        if insn is None or insn[1]:
+            self._write_step = False
+            self.shadow.close_writes(stepped=False)
+            what = "cannot decode it" if insn is None else f"a control transfer ({insn[2]})"
+            return Exit(ExitKind.INTERNAL_ERROR, addr=rip, detail=(
+                f"model engine (shadow paging): the write at RIP {rip:#x} through a self-mapped page "
+                f"table cannot be single-stepped: {what}"))
+        self.shadow.stepping = True
+        self._stop_at = linear_rip + insn[0]
+        self._arm_stop(linear_rip, self._stop_at)
+        return None
+
     def _step_regs(self) -> tuple[int, ...]:
         uc = self.uc
         return tuple(uc.reg_read(reg) for reg in _STEP_REGS)
@@ -768,7 +796,7 @@ class ModelEngine(Engine):
         """After a single-stepped write through a self-mapped table: count steps that did not get
         past the instruction (its registers unchanged, no exit or event), and stop a guest whose
         write never completes there with a one-line error instead of looping."""
-        if self._exit is not None or self._event is not None or self._step_regs() != before:
+        if self._exit is not None or self._event is not None or self._kicked or self._step_regs() != before:
             self._stuck_steps = 0
             return None
         self._stuck_steps += 1

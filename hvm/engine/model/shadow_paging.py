@@ -33,7 +33,8 @@ A guest write to one of its page tables through a linear page whose own walk rea
 self-mapped or recursive page table: PML4[i] -> the PML4) cannot be handled by unprotecting the
 page, since the fill that maps it writable walks it and protects it again. The hypervisor then
 single-steps the write, as the trap engine does: the #PF VM exit makes that page's shadow entry
-writable, the engine runs exactly the one instruction (``emu_start(count=1)``), and the page is
+writable, the engine runs exactly the one instruction (a stop hook after it, as for an MMIO
+replay), and the page is
 write-protected again with every shadow entry built from it zapped (``shadow_stepped_writes``).
 An instruction that keeps failing to complete there ends the run with a one-line internal error.
 """
