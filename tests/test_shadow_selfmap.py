@@ -105,3 +105,50 @@ def test_qemu_prints_the_same(ept) -> None:
     ref = subprocess.run(cmd, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert ref.returncode == ept[0].exit_status == 1, ref.stderr
     assert ref.stdout == ept[0].console
+
+
+# A flat 64-bit guest (ImageFormat.LONG: entered at 1 MiB in long mode, CR3 = its PML4, identity
+# mapped): RSP = CR3 + 16, then CALL, whose push stores to PML4[1] -- a write to the live PML4 by
+# a control transfer -- then HLT.
+CALL_INTO_PML4 = bytes.fromhex("0f20d8" "4889c4" "4883c410" "e800000000" "f4")  # mov rax, cr3; mov rsp, rax;
+# add rsp, 16; call $+5; hlt
+
+
+def run_flat(tmp_path, code: bytes, paging: str, patch=None):
+    image = tmp_path / "guest.bin"
+    image.write_bytes(code)
+    m = Machine(MachineConfig(engine="model", mem_size=64 << 20, console=lambda b: None,
+                              engine_options={"paging": paging}))
+    try:
+        if patch is not None:
+            patch(m.engine)
+        m.load(image, ImageFormat.LONG)
+        return m.run(timeout=30)
+    finally:
+        m.close()
+
+
+def test_a_control_transfer_writing_the_pml4_stops_with_one_line(tmp_path) -> None:
+    ept = run_flat(tmp_path, CALL_INTO_PML4, "ept")
+    assert ept.exit_status == 0 and "halted" in ept.reason  # the push lands, the guest halts
+    shadow = run_flat(tmp_path, CALL_INTO_PML4, "shadow")
+    assert shadow.exit_status == 3
+    assert "through a self-mapped page table cannot be single-stepped: a control transfer" in shadow.reason
+    assert "\n" not in shadow.reason
+
+
+def test_a_write_step_that_never_completes_stops_instead_of_looping(tmp_path) -> None:
+    # Make every step stop before its instruction (as a step that never gets past it would): the
+    # engine must give up with one line, not retry forever.
+    def patch(engine) -> None:
+        summary = engine._summary
+        engine._summary = lambda linear: (0, False, "") if engine._write_step else summary(linear)
+
+    code = bytes.fromhex("0f20d8" "48c7400800000000" "f4")  # mov rax, cr3; mov qword [rax+8], 0; hlt
+    assert run_flat(tmp_path, code, "ept").exit_status == 0
+    plain = run_flat(tmp_path, code, "shadow")
+    assert plain.exit_status == 0 and plain.engine_counters["shadow_stepped_writes"] == 1
+    shadow = run_flat(tmp_path, code, "shadow", patch)
+    assert shadow.exit_status == 3
+    assert "did not complete in 8 single steps" in shadow.reason
+    assert "\n" not in shadow.reason
