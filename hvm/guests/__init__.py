@@ -46,6 +46,7 @@ from pathlib import Path
 __all__ = [
     "C_LINKER_SCRIPT",
     "C_SOURCES",
+    "LONG64_ASM",
     "COM1_PORT",
     "DEFAULT_N",
     "EXIT_PORT",
@@ -161,7 +162,6 @@ C_SOURCES: dict[str, tuple[str, ...]] = {
     "iobench": ("iobench.c", "lib/rt.c", "lib/cmd.c"),
     "ctxsw": ("ctxsw.c", "lib/rt.c"),
     "exitmix": ("exitmix.c", "lib/rt.c", "lib/cmd.c"),
-    "selfmap": (),  # the long64.inc boot path with an assembly body: no C
 }
 """Guest name -> freestanding C files in ``src/`` (its own, then the shared runtime's).
 
@@ -176,8 +176,12 @@ runtime: lib/rt.c (rt.h: port I/O, COM1 output, numbers, command-line words,
 IDT/TSS) and lib/cmd.c (cmd.h: the command device's data and CRC-32).
 """
 
+LONG64_ASM: frozenset[str] = frozenset({"selfmap"})
+"""Assembly-only guests built like those in :data:`C_SOURCES` (``as --64``, lib/long64.inc's boot
+path, :data:`C_LINKER_SCRIPT`), with no C file."""
+
 C_LINKER_SCRIPT = "lib/long64.ld"
-"""The linker script of every guest in :data:`C_SOURCES`, relative to ``src/``."""
+"""The linker script of every guest in :data:`C_SOURCES` and :data:`LONG64_ASM`, relative to ``src/``."""
 
 _CC_FLAGS = [
     "-m64", "-ffreestanding", "-fno-pic", "-fno-stack-protector", "-nostdlib", "-O2",
@@ -233,7 +237,7 @@ def guest_sources(name: str) -> list[Path]:
     sources = [SRC_DIR / f"{name}.s", *(SRC_DIR / c for c in C_SOURCES.get(name, ()))]
     for source in list(sources):
         sources += [inc for inc in _includes(source) if inc not in sources]
-    if name in C_SOURCES:
+    if name in C_SOURCES or name in LONG64_ASM:
         sources.append(SRC_DIR / C_LINKER_SCRIPT)
     elif recipe.fmt == "multiboot":
         sources.append(SRC_DIR / "multiboot.ld")
@@ -336,7 +340,7 @@ def _build_into(name: str, image: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=image.parent) as tmp:
         obj = Path(tmp) / f"{name}.o"
         out = Path(tmp) / image.name
-        if name in C_SOURCES:
+        if name in C_SOURCES or name in LONG64_ASM:
             _build_c_guest(name, Path(tmp), out)
             os.replace(out, image)
             return
@@ -362,7 +366,7 @@ def _build_c_guest(name: str, tmp: Path, out: Path) -> None:
     source = SRC_DIR / f"{name}.s"
     objects = [tmp / f"{name}.o"]
     _run(["as", "--64", "-I", str(SRC_DIR), "-o", str(objects[0]), str(source)], f"assembling {source.name}")
-    for c_name in C_SOURCES[name]:
+    for c_name in C_SOURCES.get(name, ()):
         c_source = SRC_DIR / c_name
         objects.append(tmp / (c_name.replace("/", "_") + ".o"))
         compile_ = ["gcc", *_CC_FLAGS, "-I", str(SRC_DIR), "-o", str(objects[-1]), str(c_source)]

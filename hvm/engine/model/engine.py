@@ -10,7 +10,8 @@ when the model processor must act:
   :meth:`ModelEngine._fill`, which walks the guest's page tables and then EPT (the 2-D walk,
   :mod:`hvm.vtx.paging` and :mod:`hvm.vtx.ept`) and decides the permissions Unicorn may cache;
   with ``paging="shadow"`` (EPT off) it walks the VMM's shadow tables instead, and a miss there is
-  a #PF VM exit that the shadow MMU handles (:mod:`~hvm.engine.model.shadow_paging`);
+  a #PF VM exit that the shadow MMU handles (:mod:`~hvm.engine.model.shadow_paging`; a write to
+  a page table through a self-mapped table runs alone, stopped by the MMIO replays' hook after it);
 * the guest raises an **exception** (Unicorn reports, the model delivers it through the IDT
   or exits, :mod:`~hvm.engine.model.events`), or touches **MMIO** (an EPT violation on a
   guest-physical address with no RAM, which reaches the VMM as an ``mmio`` exit).
