@@ -32,11 +32,13 @@ shadow root), which is what the CR3-store exit's completion returns.
 A guest write to one of its page tables through a linear page whose own walk reads that table (a
 self-mapped or recursive page table: PML4[i] -> the PML4) cannot be handled by unprotecting the
 page, since the fill that maps it writable walks it and protects it again. The hypervisor then
-single-steps the write, as the trap engine does: the #PF VM exit makes that page's shadow entry
-writable, the engine runs exactly the one instruction (a stop hook after it, as for an MMIO
-replay), and the page is
-write-protected again with every shadow entry built from it zapped (``shadow_stepped_writes``).
-An instruction that keeps failing to complete there ends the run with a one-line internal error.
+single-steps the write, as the trap engine does: the #PF VM exit makes that linear page's shadow
+entry writable, the engine runs exactly the one instruction (a stop hook after it, as for an MMIO
+replay), and the page is write-protected again with every shadow entry built from it zapped
+(``shadow_stepped_writes`` counts the instructions). The guest's walk for the write has already
+set its accessed and dirty flags, as the processor's would. A control transfer that writes such a
+table (a CALL pushing onto it), an MMIO instruction that does, or an instruction that keeps
+failing to complete there ends the run with a one-line internal error.
 """
 
 from __future__ import annotations
