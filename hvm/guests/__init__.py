@@ -46,6 +46,7 @@ from pathlib import Path
 __all__ = [
     "C_LINKER_SCRIPT",
     "C_SOURCES",
+    "LONG64_ASM",
     "COM1_PORT",
     "DEFAULT_N",
     "EXIT_PORT",
@@ -122,6 +123,9 @@ GUESTS: dict[str, str] = {
     "exitmix": "the exit-rate experiment's mixed workload at ring 0: units of CPU work, IA32_TSC_AUX "
     "'system calls', command-device I/O at a chosen intensity (design=pio|mmio|dirty io=K per unit), "
     "self-IPIs and a periodic local APIC timer; one 'exitmix ...' summary line; C, see src/exitmix.c",
+    "selfmap": "edits its page tables through a recursive PML4 entry (PML4[510] -> PML4): maps, remaps "
+    "(INVLPG) and unmaps a page and writes the PML4 through itself; prints what it reads, the A/D flags "
+    "and the #PFs, then 'selfmap: done'; assembly on lib/long64.inc",
     "apictick": "the apicv experiment's guest: xAPIC at 0xFEE00000 in long mode; a TPR check, M self-IPIs "
     "(ipis=M, default 50) and N periodic 1-ms APIC timer ticks (n=N, default 50; waits with PAUSE, or "
     "HLT with 'hlt'), an EOI each; then 'apictick: ticks N ipis M spurious 0'",
@@ -151,6 +155,7 @@ GUEST_FORMAT: dict[str, str] = {
     "exitmix": "multiboot",
     "apictick": "multiboot",
     "uartirq": "multiboot",
+    "selfmap": "multiboot",
 }
 """Guest name -> image format: ``multiboot``, ``flat16``, ``flat32`` or ``flat64``."""
 
@@ -175,8 +180,12 @@ runtime: lib/rt.c (rt.h: port I/O, COM1 output, numbers, command-line words,
 IDT/TSS) and lib/cmd.c (cmd.h: the command device's data and CRC-32).
 """
 
+LONG64_ASM: frozenset[str] = frozenset({"selfmap"})
+"""Assembly-only guests built like those in :data:`C_SOURCES` (``as --64``, lib/long64.inc's boot
+path, :data:`C_LINKER_SCRIPT`), with no C file."""
+
 C_LINKER_SCRIPT = "lib/long64.ld"
-"""The linker script of every guest in :data:`C_SOURCES`, relative to ``src/``."""
+"""The linker script of every guest in :data:`C_SOURCES` and :data:`LONG64_ASM`, relative to ``src/``."""
 
 _CC_FLAGS = [
     "-m64", "-ffreestanding", "-fno-pic", "-fno-stack-protector", "-nostdlib", "-O2",
@@ -232,7 +241,7 @@ def guest_sources(name: str) -> list[Path]:
     sources = [SRC_DIR / f"{name}.s", *(SRC_DIR / c for c in C_SOURCES.get(name, ()))]
     for source in list(sources):
         sources += [inc for inc in _includes(source) if inc not in sources]
-    if name in C_SOURCES:
+    if name in C_SOURCES or name in LONG64_ASM:
         sources.append(SRC_DIR / C_LINKER_SCRIPT)
     elif recipe.fmt == "multiboot":
         sources.append(SRC_DIR / "multiboot.ld")
@@ -335,7 +344,7 @@ def _build_into(name: str, image: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=image.parent) as tmp:
         obj = Path(tmp) / f"{name}.o"
         out = Path(tmp) / image.name
-        if name in C_SOURCES:
+        if name in C_SOURCES or name in LONG64_ASM:
             _build_c_guest(name, Path(tmp), out)
             os.replace(out, image)
             return
@@ -361,7 +370,7 @@ def _build_c_guest(name: str, tmp: Path, out: Path) -> None:
     source = SRC_DIR / f"{name}.s"
     objects = [tmp / f"{name}.o"]
     _run(["as", "--64", "-I", str(SRC_DIR), "-o", str(objects[0]), str(source)], f"assembling {source.name}")
-    for c_name in C_SOURCES[name]:
+    for c_name in C_SOURCES.get(name, ()):
         c_source = SRC_DIR / c_name
         objects.append(tmp / (c_name.replace("/", "_") + ".o"))
         compile_ = ["gcc", *_CC_FLAGS, "-I", str(SRC_DIR), "-o", str(objects[-1]), str(c_source)]

@@ -20,7 +20,9 @@ on) and the trap engine (classic trap-and-emulate, where the same events arrive 
 * every page the walks read as a paging structure is **write-protected** in every shadow entry
   mapping it (across all cached roots). A guest write to one faults; the hypervisor then either
   lets exactly that instruction write and re-protects (the trap engine single-steps it:
-  :meth:`ShadowMmu.unprotect` / :meth:`ShadowMmu.reprotect`) or *unprotects and resyncs*
+  :meth:`ShadowMmu.unprotect` / :meth:`ShadowMmu.reprotect`; the model engine does so for a write
+  through a self-mapped table: :meth:`ShadowMmu.open_leaf` / :meth:`ShadowMmu.reprotect`) or
+  *unprotects and resyncs*
   (:meth:`ShadowMmu.write_fault`: every shadow entry whose walk went through the written table is
   zapped and the page is left writable until a walk reads it as a table again). Either way no
   shadow entry outlives the guest entry it was built from;
@@ -467,6 +469,19 @@ class ShadowMmu:
         """Let the next instruction write ``frame``: its shadow entries become writable."""
         for leaf in self._rmap.get(frame, ()):
             self.tables.write_u64(leaf, self.tables.read_u64(leaf) | _RW)
+
+    def open_leaf(self, la: int, frame: int) -> int | None:
+        """Make the current root's entry for ``la`` (which maps ``frame``) writable for one
+        instruction, as :meth:`unprotect` does for every entry mapping a frame: the entry, or None
+        when there is no such entry. Only this linear page: another alias of the frame may be
+        read-only in the guest's tables."""
+        root = self._root_for(root_key(self.regs()))
+        leaf = root.leaves.get(la & ~(PAGE - 1))
+        if leaf is None or self._meta[leaf][2] != frame:
+            return None
+        entry = self.tables.read_u64(leaf) | _RW
+        self.tables.write_u64(leaf, entry)
+        return entry
 
     def reprotect(self, frame: int) -> None:
         """After the write: read-only again, and every translation walked through it dropped."""

@@ -10,7 +10,8 @@ when the model processor must act:
   :meth:`ModelEngine._fill`, which walks the guest's page tables and then EPT (the 2-D walk,
   :mod:`hvm.vtx.paging` and :mod:`hvm.vtx.ept`) and decides the permissions Unicorn may cache;
   with ``paging="shadow"`` (EPT off) it walks the VMM's shadow tables instead, and a miss there is
-  a #PF VM exit that the shadow MMU handles (:mod:`~hvm.engine.model.shadow_paging`);
+  a #PF VM exit that the shadow MMU handles (:mod:`~hvm.engine.model.shadow_paging`; a write to
+  a page table through a self-mapped table runs alone, stopped by the MMIO replays' hook after it);
 * the guest raises an **exception** (Unicorn reports, the model delivers it through the IDT
   or exits, :mod:`~hvm.engine.model.events`), or touches **MMIO** (an EPT violation on a
   guest-physical address with no RAM, which reaches the VMM as an ``mmio`` exit).
@@ -113,7 +114,7 @@ from hvm.engine.model.events import (
 from hvm.engine.model.host import HostMemory
 from hvm.engine.model.hostcpu import host_tsc
 from hvm.engine.model.instructions import GPR_IDS, RFLAGS_IOPL_SHIFT, RFLAGS_VM, Latched, VmExit, intercept
-from hvm.engine.model.shadow_paging import ShadowPaging, ShadowUnsupported
+from hvm.engine.model.shadow_paging import SelfMappedWrite, ShadowPaging, ShadowUnsupported
 from hvm.engine.model.tlbsim import TranslationAccounting
 from hvm.engine.model.tlbsim import check_options as check_tlb_options
 from hvm.engine.model.vmcs import (
@@ -165,6 +166,9 @@ _ENABLE_EPT, _ENABLE_VPID = int(ProcBased2.ENABLE_EPT), int(ProcBased2.ENABLE_VP
 _WALK_CACHE = 4096  # guest page walks remembered, keyed by (linear page, access, user)
 _STOP_HOOKS = 64  # hooks kept at instructions that follow an MMIO access (see _arm_stop)
 _STOP_IDLE = 256  # a stop hook that fires this often outside MMIO replays is removed
+_STUCK_STEPS = 8  # single steps of one write through a self-mapped table that may fail to complete
+_STEP_REGS = (R.UC_X86_REG_RIP, R.UC_X86_REG_RSP, R.UC_X86_REG_RCX, R.UC_X86_REG_RSI, R.UC_X86_REG_RDI,
+              R.UC_X86_REG_CS)
 _CR_REGS = {0: R.UC_X86_REG_CR0, 3: R.UC_X86_REG_CR3, 4: R.UC_X86_REG_CR4, 8: R.UC_X86_REG_CR8}
 _EPT_POOL_PAGES = 64
 _DECODE_CACHE = 4096  # decoded sensitive instructions kept, keyed by (address, mode, bytes)
@@ -335,6 +339,10 @@ class ModelEngine(Engine):
         self._summaries: dict[tuple[int, int, bytes], tuple[int, bool, str] | None] = {}
         self._decoded: dict[tuple[int, int, bytes], object] = {}
         self._irq_lines: dict[int, bool] = {}
+        # shadow paging: the next run is one instruction, a write through a self-mapped table
+        # (hvm.engine.model.shadow_paging); how many such steps in a row made no progress
+        self._write_step = False
+        self._stuck_steps = 0
         # statistics
         self.exit_counts: Counter[ExitReason] = Counter()
         self.overhead_cycles = 0
@@ -690,12 +698,27 @@ class ModelEngine(Engine):
             if resume is None or self._window_step is not resume:
                 self._unmap_window()
             self.cpu.sync()
+            step = self._write_step  # one instruction alone: a write through a self-mapped table
+            if step:
+                exit_ = self._arm_write_step()
+                if exit_ is not None:
+                    self._running = False
+                    return exit_
+                before = self._step_regs()
             try:
                 uc.emu_start(self.cpu.rip, 0)
             except UcError as exc:
                 error = exc
             finally:
                 self._running = False
+                if step:
+                    self._write_step = False
+                    self._stop_at = None
+                    self.shadow.close_writes()
+            if step:
+                exit_ = self._after_write_step(before)
+                if exit_ is not None:
+                    return exit_
             while self._idle_stops:
                 linear = self._idle_stops.pop()
                 if linear in self._stops:
@@ -720,6 +743,11 @@ class ModelEngine(Engine):
             if self._hook_error is not None:
                 exc, self._hook_error = self._hook_error, None
                 raise exc
+            if self._write_step:
+                if self._exit is None and self._event is None:
+                    continue  # the shadow opened a self-mapped table page: run the instruction alone
+                self._write_step = False
+                self.shadow.close_writes(stepped=False)
             if self._exit is not None:
                 exit_ = self._vm_exit(self._exit)
                 if exit_ is not None:
@@ -746,6 +774,50 @@ class ModelEngine(Engine):
             if self._kicked:
                 self._kicked = False
                 return Exit(ExitKind.INTR)
+
+    def _arm_write_step(self) -> Exit | None:
+        """Make the coming run stop after the instruction at RIP (a hook at the next one, as for an
+        MMIO replay: :meth:`_arm_stop`), which writes a page table through a self-mapped table.
+        A stop hook, not an instruction count: a write to the page the instruction runs from makes
+        QEMU retranslate and re-execute it, which Unicorn's instruction count does not survive."""
+        self.cpu.sync()
+        rip = self.cpu.rip
+        linear_rip = self.segment_base(1) + rip
+        try:
+            insn = self._summary(linear_rip)
+        except (Fault, EptExit, _NotRam):
+            insn = None
+        if insn is None or insn[1]:
+            self._write_step = False
+            self.shadow.close_writes(stepped=False)
+            what = "cannot decode it" if insn is None else f"a control transfer ({insn[2]})"
+            return Exit(ExitKind.INTERNAL_ERROR, addr=rip, detail=(
+                f"model engine (shadow paging): the write at RIP {rip:#x} through a self-mapped page "
+                f"table cannot be single-stepped: {what}"))
+        self.shadow.stepping = True
+        self._stop_at = linear_rip + insn[0]
+        self._arm_stop(linear_rip, self._stop_at)
+        return None
+
+    def _step_regs(self) -> tuple[int, ...]:
+        uc = self.uc
+        return tuple(uc.reg_read(reg) for reg in _STEP_REGS)
+
+    def _after_write_step(self, before: tuple[int, ...]) -> Exit | None:
+        """After a single-stepped write through a self-mapped table: count steps that did not get
+        past the instruction (its registers unchanged, no exit or event), and stop a guest whose
+        write never completes there with a one-line error instead of looping."""
+        if self._exit is not None or self._event is not None or self._kicked or self._step_regs() != before:
+            self._stuck_steps = 0
+            return None
+        self._stuck_steps += 1
+        if self._stuck_steps < _STUCK_STEPS:
+            return None
+        self._stuck_steps = 0
+        rip = self.uc.reg_read(R.UC_X86_REG_RIP)
+        return Exit(ExitKind.INTERNAL_ERROR, addr=rip, detail=(
+            f"model engine (shadow paging): the write at RIP {rip:#x} through a self-mapped page table "
+            f"did not complete in {_STUCK_STEPS} single steps"))
 
     def _wait_for_event(self) -> bool:
         """The HLT activity state: wait for an event; False when the host kicked instead."""
@@ -1217,6 +1289,8 @@ class ModelEngine(Engine):
     def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry, _: object) -> bool:
         try:
             return self._fill(vaddr, access, entry)
+        except SelfMappedWrite:
+            self._write_step = True  # the run stops here; the next runs the instruction alone
         except ShadowUnsupported as why:
             reason = ExitReason.EXCEPTION_NMI
             self._exit = VmExit(reason, ExitInfo(int(reason), vaddr), Exit(

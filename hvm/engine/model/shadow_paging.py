@@ -28,6 +28,17 @@ instruction is retried -- within the same TLB-fill callback, which changes no co
 
 The model keeps the guest's CR3 value in the CPU's CR3 (the TLB fill, not Unicorn, consults the
 shadow root), which is what the CR3-store exit's completion returns.
+
+A guest write to one of its page tables through a linear page whose own walk reads that table (a
+self-mapped or recursive page table: PML4[i] -> the PML4) cannot be handled by unprotecting the
+page, since the fill that maps it writable walks it and protects it again. The hypervisor then
+single-steps the write, as the trap engine does: the #PF VM exit makes that linear page's shadow
+entry writable, the engine runs exactly the one instruction (a stop hook after it, as for an MMIO
+replay), and the page is write-protected again with every shadow entry built from it zapped
+(``shadow_stepped_writes`` counts the instructions). The guest's walk for the write has already
+set its accessed and dirty flags, as the processor's would. A control transfer that writes such a
+table (a CALL pushing onto it), an MMIO instruction that does, or an instruction that keeps
+failing to complete there ends the run with a one-line internal error.
 """
 
 from __future__ import annotations
@@ -66,6 +77,11 @@ class ShadowUnsupported(Exception):
     """A guest the shadow MMU cannot keep coherent (said in one line)."""
 
 
+class SelfMappedWrite(Exception):
+    """The guest writes a page table through a mapping whose walk reads it: the engine must run
+    the instruction alone (:meth:`ShadowPaging.close_writes` after it)."""
+
+
 def program(vmcs, guest_cr0: int) -> None:
     """Set the VMCS for shadow paging (see the module docstring)."""
     proc2 = vmcs.vmread(F.SECONDARY_VM_EXEC_CONTROL)
@@ -93,6 +109,9 @@ class ShadowPaging:
         self.hidden_faults = 0  # #PF exits the hypervisor fixed (shadow entry installed)
         self.true_faults = 0  # #PF exits reflected to the guest
         self._reflected: Event | None = None
+        self.stepped_writes = 0  # instructions writing through a self-mapped table, single-stepped
+        self.stepping = False  # the engine is running one instruction for such a write
+        self._opened: set[int] = set()  # table frames writable for that instruction
         program(eng.vmcs, eng.vmcs.vmread(F.GUEST_CR0))
 
     # --- the guest's view of its paging registers --------------------------------------
@@ -158,8 +177,7 @@ class ShadowPaging:
         entry = mmu.lookup(la, access, user)
         if entry is None and access is Access.WRITE and mmu.protected.get(fill.frame) == "page table":
             if fill.frame in fill.tables:
-                raise ShadowUnsupported(f"the guest writes page table {fill.frame:#x} through a mapping "
-                                        "its own walk reads (a self-mapped table): not modelled")
+                return self._self_mapped_write(la, fill.frame, replaying)
             mmu.write_fault(fill.frame)  # unprotect and resync (see hvm.vmm.shadow)
             fill = mmu.fill(la, access, user)
             entry = mmu.lookup(la, access, user)
@@ -167,6 +185,36 @@ class ShadowPaging:
             raise ShadowUnsupported(f"shadow fill at {la:#x} gave no usable entry")
         self.hidden_faults += 1
         return fill.frame, entry
+
+    def _self_mapped_write(self, la: int, frame: int, replaying: bool) -> tuple[int, int]:
+        """A write to page table ``frame`` through a linear page whose own walk reads ``frame`` (a
+        self-mapped or recursive table). Unprotecting the page cannot work (the fill that makes it
+        writable walks it, which protects it again), so the hypervisor single-steps the write, as the
+        trap engine does: this linear page's shadow entry is writable for exactly one instruction,
+        after which :meth:`close_writes` protects the page again and zaps every shadow entry built
+        from it. Outside that step raises :class:`SelfMappedWrite` (the engine runs the instruction
+        alone); inside it (a write spanning two such pages) the second page opens too."""
+        if replaying:
+            raise ShadowUnsupported(f"an MMIO instruction writes page table {frame:#x} through a "
+                                    "self-mapped table: not modelled")
+        entry = self.mmu.open_leaf(la, frame)
+        if entry is None:
+            raise ShadowUnsupported(f"shadow fill at {la:#x} gave no entry for page table {frame:#x}")
+        self.hidden_faults += 1
+        self._opened.add(frame)
+        if not self.stepping:
+            raise SelfMappedWrite(la)
+        return frame, entry
+
+    def close_writes(self, stepped: bool = True) -> None:
+        """After the single-stepped instruction (``stepped``; or instead of it): write-protect every
+        page opened for it again and zap the shadow entries walked through it
+        (:meth:`ShadowMmu.reprotect`)."""
+        self.stepping = False
+        self.stepped_writes += bool(stepped and self._opened)
+        for frame in sorted(self._opened):
+            self.mmu.reprotect(frame)
+        self._opened.clear()
 
     def _exit(self, la: int, code: int) -> None:
         """The #PF on the shadow is a VM exit (reason 0), completed here by the hypervisor."""
@@ -247,6 +295,7 @@ class ShadowPaging:
     def counters(self) -> dict[str, int]:
         stats = self.mmu.stats
         return {"shadow_hidden_faults": self.hidden_faults, "shadow_true_faults": self.true_faults,
+                "shadow_stepped_writes": self.stepped_writes,
                 "shadow_fills": stats.fills, "shadow_protected_writes": stats.protected_writes,
                 "shadow_zapped": stats.zapped, "shadow_invlpg": stats.invlpg,
                 "shadow_cr3_switches": stats.cr3_switches, "shadow_root_hits": stats.root_hits,
@@ -254,4 +303,4 @@ class ShadowPaging:
                 "shadow_drops": stats.drops, "shadow_cached_roots": self.mmu.cached_roots}
 
 
-__all__ = ["SHADOW_BASE", "PoolExhausted", "ShadowPaging", "ShadowUnsupported", "program"]
+__all__ = ["SHADOW_BASE", "PoolExhausted", "SelfMappedWrite", "ShadowPaging", "ShadowUnsupported", "program"]
