@@ -6,7 +6,9 @@ takes the #PF, stores to the PML4 through its own window page (once with a store
 window pages that both map the PML4, once from a stub that runs on the PML4's page). Every store
 to the live PML4 is a write to a page table through a mapping whose own walk reads that table; the
 model engine's shadow MMU single-steps each with the page writable and then write-protects it
-again (hvm.engine.model.shadow_paging).
+again (hvm.engine.model.shadow_paging), and so does the trap engine (guest kernel at CPL 3, the
+same shadow MMU, hvm.engine.trap), whose re-protect after such a store drops the shadow entry of
+the very code page the step ran on.
 
 Expected values come from the SDM and from QEMU: a PTE the processor used for a read has the
 accessed flag (bit 5) set, for a write also the dirty flag (bit 6) (Vol. 3A 4.8); the #PF of a read
@@ -87,6 +89,18 @@ def test_each_store_to_the_live_pml4_is_one_single_step(shadow) -> None:
     assert counters["shadow_protected_writes"] == PML4_STORES + OTHER_PROTECTED_STORES
     # each step began with a #PF VM exit (the split store with one per page)
     assert counters["exit_reason.EXCEPTION_NMI"] >= PML4_STORES + 1
+
+
+def test_the_trap_engine_runs_it_as_ept_does(ept) -> None:
+    # Each store to the live PML4 is single-stepped, and its re-protect drops every shadow entry
+    # (all of them were walked through the PML4), the code page's included: the next fetch is a
+    # hidden #PF, which must stay one (it was raised as a #DF, and the guest triple-faulted).
+    (e, e_state), (t, t_state) = ept, run("trap")
+    assert t.console == e.console
+    assert t.exit_status == e.exit_status
+    assert t.engine_counters["trap.#PF(write-protected)"] >= PML4_STORES
+    assert t_state.rip == e_state.rip
+    assert t_state.regs == e_state.regs
 
 
 @needs_kvm

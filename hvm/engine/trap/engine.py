@@ -36,6 +36,11 @@ Where Unicorn differs from a real x86 and the engine compensates, it says so:
   faulting (IA32_MISC_FEATURES_ENABLES bit 0, Ivy Bridge and later), which Unicorn lacks, by
   intercepting CPUID with a Unicorn instruction hook and answering as the model engine does
   (:class:`hvm.engine.model.cpuid.CpuidPolicy`); counted as a trap;
+* the single step of a write to a protected page uses a code hook of the engine's own, removed
+  right after the step: Unicorn's ``count=1`` removes its counting hook only at the next
+  ``emu_start``, and the removal looks the stepped code up through the shadow tables, whose entry
+  for it the re-protect may just have dropped; the #PF that lookup raises is swallowed but leaves
+  QEMU's ``old_exception`` set, so the guest's next #PF would arrive as a #DF;
 * ``ud2`` ends Unicorn's emulation with UC_ERR_INSN_INVALID instead of raising #UD through the
   hook; the engine turns it into the #UD at that instruction.
 
@@ -183,6 +188,7 @@ class TrapEngine(Engine):
         self._read_size = 0
         self._read_data = b""
         self._reprotect: int | None = None  # a protected frame the next single step may write
+        self._stepped = 0  # instructions the single step's code hook has seen
         self._halted = False
         self._shutdown: Exit | None = None
         self._hook_error: BaseException | None = None
@@ -348,17 +354,36 @@ class TrapEngine(Engine):
         self._entries += 1
         self._running = True
         error = None
+        step_hook = None
         try:
             if self._kicked:
                 return None, None
-            uc.emu_start(uc.reg_read(R.UC_X86_REG_RIP), 0, 0, 1 if step is not None else 0)
+            if step is not None:
+                self._stepped = 0
+                step_hook = uc.hook_add(UC_HOOK_CODE, self._on_step, None, 1, 0)
+            uc.emu_start(uc.reg_read(R.UC_X86_REG_RIP), 0, 0, 0)
         except UcError as exc:
             error = exc
         finally:
             self._running = False
+            if step_hook is not None:
+                # Removed here, while the shadow still maps the stepped code: Unicorn invalidates
+                # the code translated under a hook by looking its linear address up through the
+                # (shadow) page tables (uc_invalidate_tb), and a #PF there is swallowed but leaves
+                # QEMU's old_exception at 14, so the guest's next #PF would be raised as a #DF.
+                # That is why the step is not emu_start's count=1: Unicorn removes its counting
+                # hook only at the next emu_start, after the re-protect below has dropped the
+                # code page's shadow entry (a write to the top-level table drops every entry).
+                uc.hook_del(step_hook)
             if step is not None:
                 self._after_protected_write(step)
         return self._trap, error
+
+    def _on_step(self, uc: Uc, address: int, size: int, _: object) -> None:
+        """The single step: stop before the instruction after the one that writes a protected page."""
+        self._stepped += 1
+        if self._stepped > 1:
+            uc.emu_stop()
 
     def _watch(self) -> None:
         """Stop an emulation that has run for WATCH_INTERVAL, so host signals (the VMM's timer,
