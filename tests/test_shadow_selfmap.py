@@ -166,3 +166,23 @@ def test_a_write_step_that_never_completes_stops_instead_of_looping(tmp_path) ->
     assert shadow.exit_status == 3
     assert "did not complete in 8 single steps" in shadow.reason
     assert "\n" not in shadow.reason
+
+
+def test_the_trap_engine_steps_one_store_at_a_time(tmp_path) -> None:
+    # Two stores to the live PML4 in a row: with the PML4 write-protected in the shadow, each is a
+    # write to a read-only page and must fault on its own (SDM Vol. 3A 4.6.1), so the step that lets
+    # the first through must end before the second -- also when the first store's code was already
+    # translated (its hidden #PF ran it once), which is what made the step run the whole block.
+    code = bytes.fromhex("0f20d8" "48c7400800000000" "48c7401000000000" "f4")
+    # mov rax, cr3; mov qword [rax+8], 0; mov qword [rax+16], 0; hlt
+    image = tmp_path / "guest.bin"
+    image.write_bytes(code)
+    m = Machine(MachineConfig(engine="trap", mem_size=64 << 20, console=lambda b: None))
+    try:
+        m.load(image, ImageFormat.LONG)
+        result = m.run(timeout=30)
+    finally:
+        m.close()
+    assert result.exit_status == 0 and "halted" in result.reason
+    assert result.engine_counters["trap.#PF(write-protected)"] == 2
+    assert run_flat(tmp_path, code, "shadow").engine_counters["shadow_stepped_writes"] == 2

@@ -36,11 +36,13 @@ Where Unicorn differs from a real x86 and the engine compensates, it says so:
   faulting (IA32_MISC_FEATURES_ENABLES bit 0, Ivy Bridge and later), which Unicorn lacks, by
   intercepting CPUID with a Unicorn instruction hook and answering as the model engine does
   (:class:`hvm.engine.model.cpuid.CpuidPolicy`); counted as a trap;
-* the single step of a write to a protected page uses a code hook of the engine's own, removed
-  right after the step: Unicorn's ``count=1`` removes its counting hook only at the next
-  ``emu_start``, and the removal looks the stepped code up through the shadow tables, whose entry
-  for it the re-protect may just have dropped; the #PF that lookup raises is swallowed but leaves
-  QEMU's ``old_exception`` set, so the guest's next #PF would arrive as a #DF;
+* the single step of a write to a protected page uses a code hook of the engine's own (the
+  instruction's cached translation is dropped first, since translated code calls only the hooks
+  added before it was translated), removed right after the step: Unicorn's ``count=1`` removes
+  its counting hook only at the next ``emu_start``, and the removal looks the stepped code up
+  through the shadow tables, whose entry for it the re-protect may just have dropped; the #PF
+  that lookup raises is swallowed but leaves QEMU's ``old_exception`` set, so the guest's next
+  #PF would arrive as a #DF;
 * ``ud2`` ends Unicorn's emulation with UC_ERR_INSN_INVALID instead of raising #UD through the
   hook; the engine turns it into the #UD at that instruction.
 
@@ -358,10 +360,15 @@ class TrapEngine(Engine):
         try:
             if self._kicked:
                 return None, None
+            rip = uc.reg_read(R.UC_X86_REG_RIP)
             if step is not None:
                 self._stepped = 0
                 step_hook = uc.hook_add(UC_HOOK_CODE, self._on_step, None, 1, 0)
-            uc.emu_start(uc.reg_read(R.UC_X86_REG_RIP), 0, 0, 0)
+                # Translated code calls a hook only if it was translated after the hook was added:
+                # drop what is cached from this instruction on, or the step runs a whole block.
+                # (The lookup of this instruction goes through the shadow, which maps it.)
+                uc.ctl_remove_cache(rip, rip + 1)
+            uc.emu_start(rip, 0, 0, 0)
         except UcError as exc:
             error = exc
         finally:
@@ -375,6 +382,8 @@ class TrapEngine(Engine):
                 # hook only at the next emu_start, after the re-protect below has dropped the
                 # code page's shadow entry (a write to the top-level table drops every entry).
                 uc.hook_del(step_hook)
+                if self._trap is None:  # no exception is in flight (a trap's is ended by run())
+                    self.cpu.end_exception()
             if step is not None:
                 self._after_protected_write(step)
         return self._trap, error
