@@ -204,51 +204,7 @@ arg_named:
         pop     esi
         ret
 
-# has_word: ESI = a word (C string).  EAX = 1 if the command line has it as a whole word, else 0.
-has_word:
-        push    esi
-        push    edi
-        push    ecx
-        push    ebx
-        mov     edi, esi
-        xor     eax, eax
-        call    cmdline
-        test    esi, esi
-        jz      5f
-        mov     bl, ' '
-1:
-        cmp     byte ptr [esi], 0
-        je      5f
-        cmp     bl, ' '
-        jne     4f
-        xor     ecx, ecx
-2:
-        mov     bl, [edi + ecx]
-        test    bl, bl
-        jz      3f
-        cmp     bl, [esi + ecx]
-        jne     4f
-        inc     ecx
-        jmp     2b
-3:
-        mov     bl, [esi + ecx]         # the word must end there
-        test    bl, bl
-        jz      6f
-        cmp     bl, ' '
-        jne     4f
-6:
-        mov     eax, 1
-        jmp     5f
-4:
-        mov     bl, [esi]
-        inc     esi
-        jmp     1b
-5:
-        pop     ebx
-        pop     ecx
-        pop     edi
-        pop     esi
-        ret
+        .include "lib/has_word.inc"     # has_word: is a word on the command line
 
 # build_idt: 64-bit interrupt gates (type 14, DPL 0): timer, IPI, spurious; all else `unexpected`.
 build_idt:
