@@ -219,10 +219,7 @@ build_idt:
 # the APIC (0xFEE00000) identity-mapped uncacheable: PML4[0] -> PDPT; PDPT[0] -> PD0;
 # PDPT[3] -> PD3; PD3[(0xFEE00000 - 0xC0000000) >> 21] -> 0xFEE00000.
 build_page_tables:
-        MB64_PT_ROOT
-        MB64_PT_PD3
-        MB64_PT_UC APIC_PHYS
-        MB64_PT_PD0
+        MB64_PT_IDENTITY APIC_PHYS
         ret
 
 # --------------------------------------------------------------------- 64-bit code
@@ -343,23 +340,11 @@ long_entry:
         APIC_WR APIC_TIMER_ICR, 0       # stop the timer
 8:
         cli
-        lea     rsi, [rip + m_ticks]
-        call    puts64
-        mov     eax, [rip + ticks]
-        call    put_dec64
-        lea     rsi, [rip + m_ipis]
-        call    puts64
-        mov     eax, [rip + ipis]
-        call    put_dec64
-        lea     rsi, [rip + m_spurious]
-        call    puts64
-        mov     eax, [rip + spurious]
-        call    put_dec64
+        MB64_PUT m_ticks, ticks
+        MB64_PUT m_ipis, ipis
+        MB64_PUT m_spurious, spurious
         call    newline64
-        lea     rsi, [rip + m_done]
-        call    puts64
-        xor     eax, eax
-        jmp     exit64
+        MB64_DONE m_done
 
 bad_base:
         lea     rsi, [rip + m_bad_base]

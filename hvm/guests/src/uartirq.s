@@ -74,11 +74,7 @@ build_idt:
 # build_page_tables: the first GiB identity-mapped with 2-MiB pages; the 2-MiB pages holding the
 # I/O APIC (0xFEC00000) and the local APIC (0xFEE00000) identity-mapped uncacheable.
 build_page_tables:
-        MB64_PT_ROOT
-        MB64_PT_PD3
-        MB64_PT_UC APIC_PHYS
-        MB64_PT_UC IOAPIC_PHYS
-        MB64_PT_PD0
+        MB64_PT_IDENTITY APIC_PHYS, IOAPIC_PHYS
         ret
 
 # --------------------------------------------------------------------- 64-bit code
@@ -201,19 +197,10 @@ long_entry:
         jmp     2b
 3:
         call    newline64
-        lea     rsi, [rip + m_seen]
-        call    puts64
-        mov     eax, [rip + seen]
-        call    put_hex64
-        lea     rsi, [rip + m_bytes]
-        call    puts64
-        mov     eax, [rip + received]
-        call    put_dec64
+        MB64_PUT m_seen, seen, put_hex64
+        MB64_PUT m_bytes, received
         call    newline64
-        lea     rsi, [rip + m_done]
-        call    puts64
-        xor     eax, eax
-        jmp     exit64
+        MB64_DONE m_done
 
         MB64_EXIT                       # fail64 (message at RSI), exit64 (status in EAX)
 
