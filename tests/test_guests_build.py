@@ -161,6 +161,27 @@ def test_stale_image_is_rebuilt_when_a_source_is_touched(private_tree, source):
     assert find_multiboot_header(image.read_bytes()) >= 0
 
 
+@pytest.mark.parametrize(
+    ("name", "shared"),
+    [
+        ("trapkern", "lib/mb64.inc"),
+        ("apictick", "lib/mb64.inc"),
+        ("uartirq", "lib/mb64.inc"),
+        ("apictick", "lib/has_word.inc"),
+        ("uartirq", "lib/has_word.inc"),
+    ],
+)
+def test_guest_is_rebuilt_when_a_shared_include_is_touched(private_tree, name, shared):
+    # The long-mode guests' set-up lives in lib/ include files; an edit there must reach them.
+    assert private_tree / shared in guests.guest_sources(name)
+    image = image_path(name)
+    old = image.stat().st_mtime - 3600
+    os.utime(image, (old, old))  # built an hour ago...
+    os.utime(private_tree / shared)  # ...and the shared file edited just now
+    assert image_path(name) == image
+    assert image.stat().st_mtime_ns >= (private_tree / shared).stat().st_mtime_ns
+
+
 def test_flat_image_depends_only_on_its_own_sources(private_tree):
     assert guests.guest_sources("realmode") == [private_tree / "realmode.s", private_tree / "lib/flat.inc"]
     image = image_path("realmode")

@@ -30,22 +30,13 @@
 # The console output depends on nothing but the command line, so every engine prints the same.
 
         .include "lib.inc"              # 32-bit code, .intel_syntax noprefix
+        .include "lib/mb64.inc"         # into long mode: GDT, IDT, page tables (macros)
 
-        .equ AT_CODE32,         0x08    # selectors of apictick's own GDT
-        .equ AT_DATA,           0x10
-        .equ AT_CODE64,         0x18
-        .equ MSR_EFER,          0xC0000080
         .equ MSR_APIC_BASE,     0x1B
         .equ APIC_BASE_EXTD,    1 << 10 # x2APIC mode (SDM 11.12.1)
         .equ CPUID_1_ECX_X2APIC, 1 << 21
         .equ MSR_X2APIC_FIRST,  0x800   # SDM 11.12.1.2: MSR = 800H + (MMIO offset >> 4)
         .equ MSR_X2APIC_SELF_IPI, 0x83F
-        .equ EFER_LME,          1 << 8
-        .equ CR0_PG,            1 << 31
-        .equ CR4_PAE,           1 << 5
-        .equ PTE_P_RW,          0x3
-        .equ PDE_2M_P_RW,       0x83
-        .equ PDE_2M_UC,         0x9B    # present, writable, PWT, PCD, 2 MiB
 
         .equ APIC_PHYS,         0xFEE00000
         .equ APIC_ID,           0x20    # SDM 11.4.1, Table 11-1
@@ -146,31 +137,12 @@ main:
         call    has_word
         mov     [use_x2apic], eax
 
-        lgdt    [at_gdt_descriptor]
-        ljmp    AT_CODE32, OFFSET 1f
-1:
-        mov     ax, AT_DATA
-        mov     ds, ax
-        mov     es, ax
-        mov     fs, ax
-        mov     gs, ax
-        mov     ss, ax
+        MB64_LOAD_GDT at
         call    build_idt
         lidt    [at_idt_descriptor]
         call    build_page_tables
-        mov     eax, cr4
-        or      eax, CR4_PAE
-        mov     cr4, eax
-        mov     eax, OFFSET pml4
-        mov     cr3, eax
-        mov     ecx, MSR_EFER
-        rdmsr
-        or      eax, EFER_LME
-        wrmsr
-        mov     eax, cr0
-        or      eax, CR0_PG
-        mov     cr0, eax
-        ljmp    AT_CODE64, OFFSET long_entry
+        MB64_PAE_CR3
+        MB64_LONG_JUMP long_entry
 
 # arg_named: ESI = "key=" (a C string), EAX = default.  Returns EAX = the decimal number of
 # the first word of the command line that starts with the key, or the default.
@@ -232,111 +204,28 @@ arg_named:
         pop     esi
         ret
 
-# has_word: ESI = a word (C string).  EAX = 1 if the command line has it as a whole word, else 0.
-has_word:
-        push    esi
-        push    edi
-        push    ecx
-        push    ebx
-        mov     edi, esi
-        xor     eax, eax
-        call    cmdline
-        test    esi, esi
-        jz      5f
-        mov     bl, ' '
-1:
-        cmp     byte ptr [esi], 0
-        je      5f
-        cmp     bl, ' '
-        jne     4f
-        xor     ecx, ecx
-2:
-        mov     bl, [edi + ecx]
-        test    bl, bl
-        jz      3f
-        cmp     bl, [esi + ecx]
-        jne     4f
-        inc     ecx
-        jmp     2b
-3:
-        mov     bl, [esi + ecx]         # the word must end there
-        test    bl, bl
-        jz      6f
-        cmp     bl, ' '
-        jne     4f
-6:
-        mov     eax, 1
-        jmp     5f
-4:
-        mov     bl, [esi]
-        inc     esi
-        jmp     1b
-5:
-        pop     ebx
-        pop     ecx
-        pop     edi
-        pop     esi
-        ret
+        .include "lib/has_word.inc"     # has_word: is a word on the command line
 
 # build_idt: 64-bit interrupt gates (type 14, DPL 0): timer, IPI, spurious; all else `unexpected`.
 build_idt:
-        mov     edi, OFFSET idt
-        xor     ecx, ecx
-1:
-        mov     eax, OFFSET isr_unexpected
-        cmp     ecx, TIMER_VECTOR
-        jne     2f
-        mov     eax, OFFSET isr_timer
-2:
-        cmp     ecx, IPI_VECTOR
-        jne     3f
-        mov     eax, OFFSET isr_ipi
-3:
-        cmp     ecx, SPURIOUS_VECTOR
-        jne     4f
-        mov     eax, OFFSET isr_spurious
-4:
-        mov     [edi], ax               # offset 15:0
-        mov     word ptr [edi + 2], AT_CODE64
-        mov     word ptr [edi + 4], 0x8E00      # present, DPL 0, 64-bit interrupt gate
-        shr     eax, 16
-        mov     [edi + 6], ax           # offset 31:16
-        mov     dword ptr [edi + 8], 0  # offset 63:32
-        mov     dword ptr [edi + 12], 0
-        add     edi, 16
-        inc     ecx
-        cmp     ecx, 256
-        jne     1b
+        MB64_IDT_BEGIN isr_unexpected
+        MB64_IDT_GATE TIMER_VECTOR, isr_timer
+        MB64_IDT_GATE IPI_VECTOR, isr_ipi
+        MB64_IDT_GATE SPURIOUS_VECTOR, isr_spurious
+        MB64_IDT_END
         ret
 
 # build_page_tables: the first GiB identity-mapped with 2-MiB pages, and the 2-MiB page holding
 # the APIC (0xFEE00000) identity-mapped uncacheable: PML4[0] -> PDPT; PDPT[0] -> PD0;
 # PDPT[3] -> PD3; PD3[(0xFEE00000 - 0xC0000000) >> 21] -> 0xFEE00000.
 build_page_tables:
-        mov     dword ptr [pml4], OFFSET pdpt + PTE_P_RW
-        mov     dword ptr [pdpt], OFFSET pd0 + PTE_P_RW
-        mov     dword ptr [pdpt + 3 * 8], OFFSET pd3 + PTE_P_RW
-        mov     dword ptr [pd3 + ((APIC_PHYS - 0xC0000000) >> 21) * 8], APIC_PHYS + PDE_2M_UC
-        mov     edi, OFFSET pd0
-        mov     eax, PDE_2M_P_RW
-        mov     ecx, 512
-1:
-        mov     [edi], eax
-        mov     dword ptr [edi + 4], 0
-        add     eax, 0x200000
-        add     edi, 8
-        dec     ecx
-        jnz     1b
+        MB64_PT_IDENTITY APIC_PHYS
         ret
 
 # --------------------------------------------------------------------- 64-bit code
         .code64
 long_entry:
-        mov     ax, AT_DATA
-        mov     ds, ax
-        mov     es, ax
-        mov     ss, ax
-        mov     esp, OFFSET kstack_top
+        MB64_LONG_ENTRY
 
         # --- where the APIC is, which one it is ------------------------------------------
         mov     ecx, MSR_APIC_BASE
@@ -451,23 +340,11 @@ long_entry:
         APIC_WR APIC_TIMER_ICR, 0       # stop the timer
 8:
         cli
-        lea     rsi, [rip + m_ticks]
-        call    puts64
-        mov     eax, [rip + ticks]
-        call    put_dec64
-        lea     rsi, [rip + m_ipis]
-        call    puts64
-        mov     eax, [rip + ipis]
-        call    put_dec64
-        lea     rsi, [rip + m_spurious]
-        call    puts64
-        mov     eax, [rip + spurious]
-        call    put_dec64
+        MB64_PUT m_ticks, ticks
+        MB64_PUT m_ipis, ipis
+        MB64_PUT m_spurious, spurious
         call    newline64
-        lea     rsi, [rip + m_done]
-        call    puts64
-        xor     eax, eax
-        jmp     exit64
+        MB64_DONE m_done
 
 bad_base:
         lea     rsi, [rip + m_bad_base]
@@ -483,16 +360,7 @@ ccr_bad:
         jmp     fail64
 ipi_lost:
         lea     rsi, [rip + m_ipi_lost]
-fail64:
-        call    puts64
-        mov     eax, 1
-exit64:
-        mov     dx, EXIT_PORT
-        out     dx, eax
-1:
-        cli
-        hlt
-        jmp     1b
+        MB64_EXIT                       # fail64 (message at RSI), exit64 (status in EAX)
 
 # wait_ipis: wait (bounded) until the IPI handler has counted EAX interrupts; else fail.
 wait_ipis:
@@ -567,31 +435,11 @@ m_ccr_bad:      .asciz "apictick: current count above the initial count\n"
 m_ipi_lost:     .asciz "\napictick: an IPI was not delivered\n"
 m_unexpected:   .asciz "\napictick: unexpected interrupt or exception\n"
 
-        .data
-        .balign 8
-at_gdt:
-        .quad 0                         # 0x00: null
-        .quad 0x00CF9A000000FFFF        # 0x08: code, 32-bit, DPL 0
-        .quad 0x00CF92000000FFFF        # 0x10: data, DPL 0
-        .quad 0x00AF9A000000FFFF        # 0x18: code, 64-bit (L), DPL 0
-at_gdt_end:
-at_gdt_descriptor:
-        .word at_gdt_end - at_gdt - 1
-        .long at_gdt, 0
-at_idt_descriptor:
-        .word 256 * 16 - 1
-        .long idt, 0
+        MB64_GDT at                     # at_gdt, at_gdt_descriptor, at_idt_descriptor
 
-        .bss
-        .balign 4096
-pml4:   .skip 4096
-pdpt:   .skip 4096
-pd0:    .skip 4096
+        MB64_BSS_TABLES                 # pml4, pdpt, pd0
 pd3:    .skip 4096
-idt:    .skip 256 * 16
-        .balign 16
-kstack: .skip 8192
-kstack_top:
+        MB64_BSS_IDT_STACK              # idt, kstack, kstack_top
 # Written while the guest runs: a page of their own, away from code (an engine that watches
 # code pages for writes, like the model engine, would otherwise rescan the code at every tick).
         .balign 4096

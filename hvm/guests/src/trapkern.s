@@ -28,19 +28,11 @@
 # on IRET), while long mode with IRETQ works.
 
         .include "lib.inc"              # 32-bit code, .intel_syntax noprefix
+        .include "lib/mb64.inc"         # into long mode: GDT, IDT, page tables (macros)
 
-        .equ TK_CODE32,         0x08    # selectors of trapkern's own GDT
-        .equ TK_DATA,           0x10
-        .equ TK_CODE64,         0x18
-        .equ MSR_EFER,          0xC0000080
         .equ MSR_SYSENTER_ESP,  0x175
-        .equ EFER_LME,          1 << 8
-        .equ CR0_PG,            1 << 31
-        .equ CR4_PAE,           1 << 5
         .equ EFLAGS_CF,         1 << 0
         .equ EFLAGS_IF,         1 << 9
-        .equ PTE_P_RW,          0x3
-        .equ PDE_2M_P_RW,       0x83
         .equ ALIAS,             0x40000000      # linear address of the 4-KiB alias page
         .equ PATTERN_A,         0x11111111
         .equ PATTERN_B,         0x22222222
@@ -91,15 +83,7 @@ main:
         call    newline
 
         # --- own GDT and IDT --------------------------------------------------------------
-        lgdt    [tk_gdt_descriptor]
-        ljmp    TK_CODE32, OFFSET 1f
-1:
-        mov     ax, TK_DATA
-        mov     ds, ax
-        mov     es, ax
-        mov     fs, ax
-        mov     gs, ax
-        mov     ss, ax
+        MB64_LOAD_GDT tk
         call    build_idt
         lidt    [tk_idt_descriptor]
         mov     esi, OFFSET m_tables
@@ -115,11 +99,7 @@ main:
 
         # --- page tables, then long mode ----------------------------------------------------
         call    build_page_tables
-        mov     eax, cr4
-        or      eax, CR4_PAE
-        mov     cr4, eax
-        mov     eax, OFFSET pml4
-        mov     cr3, eax
+        MB64_PAE_CR3
         mov     esi, OFFSET m_paging
         call    puts
         mov     eax, cr4
@@ -129,14 +109,7 @@ main:
         mov     eax, cr3
         call    put_hex32
         call    newline
-        mov     ecx, MSR_EFER
-        rdmsr
-        or      eax, EFER_LME
-        wrmsr
-        mov     eax, cr0
-        or      eax, CR0_PG
-        mov     cr0, eax
-        ljmp    TK_CODE64, OFFSET long_entry
+        MB64_LONG_JUMP long_entry
 
 # put_if: print "1" or "0" for EFLAGS.IF in EAX.
 put_if:
@@ -147,53 +120,21 @@ put_if:
 # build_idt: 64-bit interrupt gates (type 14, DPL 0) for #DE, #UD and the software vector;
 # every other vector gets `unexpected`.
 build_idt:
-        mov     edi, OFFSET idt
-        xor     ecx, ecx
-1:
-        mov     eax, OFFSET isr_unexpected
-        cmp     ecx, 0
-        jne     2f
-        mov     eax, OFFSET isr_de
-2:
-        cmp     ecx, 6
-        jne     3f
-        mov     eax, OFFSET isr_ud
-3:
-        cmp     ecx, SWINT_VECTOR
-        jne     4f
-        mov     eax, OFFSET isr_swint
-4:
-        mov     [edi], ax               # offset 15:0
-        mov     word ptr [edi + 2], TK_CODE64
-        mov     word ptr [edi + 4], 0x8E00      # present, DPL 0, 64-bit interrupt gate
-        shr     eax, 16
-        mov     [edi + 6], ax           # offset 31:16
-        mov     dword ptr [edi + 8], 0  # offset 63:32
-        mov     dword ptr [edi + 12], 0
-        add     edi, 16
-        inc     ecx
-        cmp     ecx, 256
-        jne     1b
+        MB64_IDT_BEGIN isr_unexpected
+        MB64_IDT_GATE 0, isr_de
+        MB64_IDT_GATE 6, isr_ud
+        MB64_IDT_GATE SWINT_VECTOR, isr_swint
+        MB64_IDT_END
         ret
 
 # build_page_tables: PML4[0] -> PDPT; PDPT[0] -> PD0 (1 GiB of 2-MiB pages, identity);
 # PDPT[1] -> PD1; PD1[0] -> PT; PT[0] -> page A, so linear ALIAS reads page A.
 build_page_tables:
-        mov     dword ptr [pml4], OFFSET pdpt + PTE_P_RW
-        mov     dword ptr [pdpt], OFFSET pd0 + PTE_P_RW
+        MB64_PT_ROOT
         mov     dword ptr [pdpt + 8], OFFSET pd1 + PTE_P_RW
         mov     dword ptr [pd1], OFFSET pt + PTE_P_RW
         mov     dword ptr [pt], OFFSET page_a + PTE_P_RW
-        mov     edi, OFFSET pd0
-        mov     eax, PDE_2M_P_RW
-        mov     ecx, 512
-1:
-        mov     [edi], eax
-        mov     dword ptr [edi + 4], 0
-        add     eax, 0x200000
-        add     edi, 8
-        dec     ecx
-        jnz     1b
+        MB64_PT_PD0
         mov     dword ptr [page_a], PATTERN_A
         mov     dword ptr [page_b], PATTERN_B
         ret
@@ -231,11 +172,7 @@ has_swint:
 # --------------------------------------------------------------------- 64-bit code
         .code64
 long_entry:
-        mov     ax, TK_DATA
-        mov     ds, ax
-        mov     es, ax
-        mov     ss, ax
-        mov     esp, OFFSET kstack_top
+        MB64_LONG_ENTRY
         lea     rsi, [rip + m_long]
         call    puts64
         mov     ecx, MSR_EFER
@@ -436,33 +373,13 @@ m_unexpected:   .asciz "unexpected interrupt\n"
 m_done:         .asciz "trapkern: done\n"
 w_swint:        .ascii "swint"
 
-        .data
-        .balign 8
-tk_gdt:
-        .quad 0                         # 0x00: null
-        .quad 0x00CF9A000000FFFF        # 0x08: code, 32-bit, DPL 0
-        .quad 0x00CF92000000FFFF        # 0x10: data, DPL 0
-        .quad 0x00AF9A000000FFFF        # 0x18: code, 64-bit (L), DPL 0
-tk_gdt_end:
-tk_gdt_descriptor:
-        .word tk_gdt_end - tk_gdt - 1
-        .long tk_gdt, 0                 # LGDT in 32-bit code reads the low 4 bytes
-tk_idt_descriptor:
-        .word 256 * 16 - 1
-        .long idt, 0
+        MB64_GDT tk                     # tk_gdt, tk_gdt_descriptor, tk_idt_descriptor
 
-        .bss
-        .balign 4096
-pml4:   .skip 4096
-pdpt:   .skip 4096
-pd0:    .skip 4096
+        MB64_BSS_TABLES                 # pml4, pdpt, pd0
 pd1:    .skip 4096
 pt:     .skip 4096
 page_a: .skip 4096
 page_b: .skip 4096
-idt:    .skip 256 * 16
-        .balign 16
-kstack: .skip 8192
-kstack_top:
+        MB64_BSS_IDT_STACK              # idt, kstack, kstack_top
 
         .text

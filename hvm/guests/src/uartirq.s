@@ -25,17 +25,7 @@
 #     through isa-debug-exit with value 0 (1 after an unexpected interrupt or exception).
 
         .include "lib.inc"              # 32-bit code, .intel_syntax noprefix
-
-        .equ UI_CODE32,         0x08
-        .equ UI_DATA,           0x10
-        .equ UI_CODE64,         0x18
-        .equ MSR_EFER,          0xC0000080
-        .equ EFER_LME,          1 << 8
-        .equ CR0_PG,            1 << 31
-        .equ CR4_PAE,           1 << 5
-        .equ PTE_P_RW,          0x3
-        .equ PDE_2M_P_RW,       0x83
-        .equ PDE_2M_UC,         0x9B    # present, writable, PWT, PCD, 2 MiB
+        .include "lib/mb64.inc"         # into long mode: GDT, IDT, page tables (macros)
 
         .equ APIC_PHYS,         0xFEE00000
         .equ APIC_ID,           0x20    # SDM 11.4.1, Table 11-1
@@ -64,123 +54,27 @@ main:
         mov     esi, OFFSET k_edge
         call    has_word
         mov     [use_edge], eax
-        lgdt    [ui_gdt_descriptor]
-        ljmp    UI_CODE32, OFFSET 1f
-1:
-        mov     ax, UI_DATA
-        mov     ds, ax
-        mov     es, ax
-        mov     fs, ax
-        mov     gs, ax
-        mov     ss, ax
+        MB64_LOAD_GDT ui
         call    build_idt
         lidt    [ui_idt_descriptor]
         call    build_page_tables
-        mov     eax, cr4
-        or      eax, CR4_PAE
-        mov     cr4, eax
-        mov     eax, OFFSET pml4
-        mov     cr3, eax
-        mov     ecx, MSR_EFER
-        rdmsr
-        or      eax, EFER_LME
-        wrmsr
-        mov     eax, cr0
-        or      eax, CR0_PG
-        mov     cr0, eax
-        ljmp    UI_CODE64, OFFSET long_entry
+        MB64_PAE_CR3
+        MB64_LONG_JUMP long_entry
 
-# has_word: ESI = a word (C string).  EAX = 1 if the command line has it as a whole word, else 0.
-has_word:
-        push    esi
-        push    edi
-        push    ecx
-        push    ebx
-        mov     edi, esi
-        xor     eax, eax
-        call    cmdline
-        test    esi, esi
-        jz      5f
-        mov     bl, ' '
-1:
-        cmp     byte ptr [esi], 0
-        je      5f
-        cmp     bl, ' '
-        jne     4f
-        xor     ecx, ecx
-2:
-        mov     bl, [edi + ecx]
-        test    bl, bl
-        jz      3f
-        cmp     bl, [esi + ecx]
-        jne     4f
-        inc     ecx
-        jmp     2b
-3:
-        mov     bl, [esi + ecx]
-        test    bl, bl
-        jz      6f
-        cmp     bl, ' '
-        jne     4f
-6:
-        mov     eax, 1
-        jmp     5f
-4:
-        mov     bl, [esi]
-        inc     esi
-        jmp     1b
-5:
-        pop     ebx
-        pop     ecx
-        pop     edi
-        pop     esi
-        ret
+        .include "lib/has_word.inc"     # has_word: is a word on the command line
 
 # build_idt: 64-bit interrupt gates: the UART's vector, the spurious one; all else `unexpected`.
 build_idt:
-        mov     edi, OFFSET idt
-        xor     ecx, ecx
-1:
-        mov     eax, OFFSET isr_unexpected
-        cmp     ecx, UART_VECTOR
-        jne     2f
-        mov     eax, OFFSET isr_uart
-2:
-        cmp     ecx, SPURIOUS_VECTOR
-        jne     4f
-        mov     eax, OFFSET isr_spurious
-4:
-        mov     [edi], ax
-        mov     word ptr [edi + 2], UI_CODE64
-        mov     word ptr [edi + 4], 0x8E00      # present, DPL 0, 64-bit interrupt gate
-        shr     eax, 16
-        mov     [edi + 6], ax
-        mov     dword ptr [edi + 8], 0
-        mov     dword ptr [edi + 12], 0
-        add     edi, 16
-        inc     ecx
-        cmp     ecx, 256
-        jne     1b
+        MB64_IDT_BEGIN isr_unexpected
+        MB64_IDT_GATE UART_VECTOR, isr_uart
+        MB64_IDT_GATE SPURIOUS_VECTOR, isr_spurious
+        MB64_IDT_END
         ret
 
 # build_page_tables: the first GiB identity-mapped with 2-MiB pages; the 2-MiB pages holding the
 # I/O APIC (0xFEC00000) and the local APIC (0xFEE00000) identity-mapped uncacheable.
 build_page_tables:
-        mov     dword ptr [pml4], OFFSET pdpt + PTE_P_RW
-        mov     dword ptr [pdpt], OFFSET pd0 + PTE_P_RW
-        mov     dword ptr [pdpt + 3 * 8], OFFSET pd3 + PTE_P_RW
-        mov     dword ptr [pd3 + ((APIC_PHYS - 0xC0000000) >> 21) * 8], APIC_PHYS + PDE_2M_UC
-        mov     dword ptr [pd3 + ((IOAPIC_PHYS - 0xC0000000) >> 21) * 8], IOAPIC_PHYS + PDE_2M_UC
-        mov     edi, OFFSET pd0
-        mov     eax, PDE_2M_P_RW
-        mov     ecx, 512
-1:
-        mov     [edi], eax
-        mov     dword ptr [edi + 4], 0
-        add     eax, 0x200000
-        add     edi, 8
-        dec     ecx
-        jnz     1b
+        MB64_PT_IDENTITY APIC_PHYS, IOAPIC_PHYS
         ret
 
 # --------------------------------------------------------------------- 64-bit code
@@ -210,11 +104,7 @@ print_reg:
         ret
 
 long_entry:
-        mov     ax, UI_DATA
-        mov     ds, ax
-        mov     es, ax
-        mov     ss, ax
-        mov     esp, OFFSET kstack_top
+        MB64_LONG_ENTRY
 
         # --- the 8259s and LINT0 out of the way, the local APIC on ----------------------------
         mov     al, 0xFF                # OCW1: mask all IRQs of both 8259s
@@ -307,30 +197,12 @@ long_entry:
         jmp     2b
 3:
         call    newline64
-        lea     rsi, [rip + m_seen]
-        call    puts64
-        mov     eax, [rip + seen]
-        call    put_hex64
-        lea     rsi, [rip + m_bytes]
-        call    puts64
-        mov     eax, [rip + received]
-        call    put_dec64
+        MB64_PUT m_seen, seen, put_hex64
+        MB64_PUT m_bytes, received
         call    newline64
-        lea     rsi, [rip + m_done]
-        call    puts64
-        xor     eax, eax
-        jmp     exit64
+        MB64_DONE m_done
 
-fail64:
-        call    puts64
-        mov     eax, 1
-exit64:
-        mov     dx, EXIT_PORT
-        out     dx, eax
-1:
-        cli
-        hlt
-        jmp     1b
+        MB64_EXIT                       # fail64 (message at RSI), exit64 (status in EAX)
 
 # The UART's interrupt (a 64-bit interrupt gate: IF is 0 inside).
 isr_uart:
@@ -389,31 +261,11 @@ m_bytes:        .asciz " bytes "
 m_done:         .asciz "uartirq: done\n"
 m_unexpected:   .asciz "\nuartirq: unexpected interrupt or exception\n"
 
-        .data
-        .balign 8
-ui_gdt:
-        .quad 0
-        .quad 0x00CF9A000000FFFF        # 0x08: code, 32-bit
-        .quad 0x00CF92000000FFFF        # 0x10: data
-        .quad 0x00AF9A000000FFFF        # 0x18: code, 64-bit
-ui_gdt_end:
-ui_gdt_descriptor:
-        .word ui_gdt_end - ui_gdt - 1
-        .long ui_gdt, 0
-ui_idt_descriptor:
-        .word 256 * 16 - 1
-        .long idt, 0
+        MB64_GDT ui                     # ui_gdt, ui_gdt_descriptor, ui_idt_descriptor
 
-        .bss
-        .balign 4096
-pml4:   .skip 4096
-pdpt:   .skip 4096
-pd0:    .skip 4096
+        MB64_BSS_TABLES                 # pml4, pdpt, pd0
 pd3:    .skip 4096
-idt:    .skip 256 * 16
-        .balign 16
-kstack: .skip 8192
-kstack_top:
+        MB64_BSS_IDT_STACK              # idt, kstack, kstack_top
         .balign 4096                    # written while the guest runs: away from code
 use_edge:       .skip 4
 done:           .skip 4
