@@ -615,10 +615,14 @@ class ModelEngine(Engine):
             exit_ = self._deliver(self._inject.pop(0))
             if exit_ is not None:
                 return exit_
-        if not self.latched.proc2 & ProcBased2.ENABLE_VPID:
-            self._flush_tlb()  # SDM 29.4.3.3: without VPIDs, VM entries invalidate linear mappings
-            self.vpid_flushes += 1
+        self._vpid_flush()
         return None
+
+    def _vpid_flush(self) -> None:
+        """SDM 29.4.3.3: without VPIDs, VM entries and VM exits invalidate linear mappings."""
+        if not self.latched.proc2 & _ENABLE_VPID:
+            self._flush_tlb()
+            self.vpid_flushes += 1
 
     def _latch_controls(self) -> Exit | None:
         """VM entry's checks of the control fields, then the processor latches them."""
@@ -823,12 +827,11 @@ class ModelEngine(Engine):
         """The HLT activity state: wait for an event; False when the host kicked instead."""
         # Without a local APIC nothing delivers interrupts, so only the host ends it.
         apic = self.apic
-        while not self._kicked:
-            if apic is not None and apic.wake():
-                return True
-            # a host signal's handler sets the flag; no lock is shared with it
+        while not self._kicked:  # a host signal's handler sets the flag; no lock is shared with it
             if apic is None:
                 time.sleep(0.002)
+            elif apic.wake():
+                return True
             else:
                 apic.idle()
         return False
@@ -922,9 +925,7 @@ class ModelEngine(Engine):
         info = vmexit.info
         halted = self._halted
         self.vmcs.hold(lambda: self._writeback(info, halted))
-        if not self.latched.proc2 & _ENABLE_VPID:
-            self._flush_tlb()  # SDM 29.4.3.3: without VPIDs, VM exits invalidate linear mappings
-            self.vpid_flushes += 1
+        self._vpid_flush()
         if self.walks is not None:
             self.walks.exited()
         self._pending = vmexit
@@ -1417,27 +1418,26 @@ class ModelEngine(Engine):
         cpu.sync()
         kind = _ACCESS[access]
         step = self._mmio
-        if self.shadow is not None:  # the processor walks the shadow tables
+        shadow = self.shadow
+        if shadow is not None:  # the processor walks the shadow tables
             paging = True
             user = cpu.cpl == 3 and not self._implicit_supervisor(vaddr)
-            gpa, leaf = self.shadow.translate(vaddr, kind, user, step is not None)
-            if step is not None and gpa == step.gpage:
-                entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
-                self._window_step = step
-                return True
-            if leaf is None:
-                raise _NotRam(gpa)
-            hpa = gpa
-            allowed = _EPT_R | (_EPT_W if leaf & 2 else 0) | (0 if leaf >> 63 else _EPT_X)
+            gpa, leaf = shadow.translate(vaddr, kind, user, step is not None)
         else:
             paging = bool(cpu.cr(0) & CR0_PG)
             user = paging and cpu.cpl == 3 and not self._implicit_supervisor(vaddr)
             gpa = self._guest_walk(vaddr, kind, user)
-            if step is not None and gpa & _PAGE_MASK == step.gpage:
-                entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
-                self._window_step = step
-                return True
+        if step is not None and gpa & _PAGE_MASK == step.gpage:
+            entry.paddr, entry.perms = MMIO_WINDOW, UC_PROT_READ | UC_PROT_WRITE
+            self._window_step = step
+            return True
+        if shadow is None:
             hpa, allowed = self._ept(gpa, _EPT_ACCESS[kind], la=vaddr)
+        elif leaf is None:
+            raise _NotRam(gpa)
+        else:
+            hpa = gpa
+            allowed = _EPT_R | (_EPT_W if leaf & 2 else 0) | (0 if leaf >> 63 else _EPT_X)
         hpage = hpa & _PAGE_MASK
         if not self.host.is_ram(hpage):
             raise EptExit(self._ept_misconfig(gpa, f"maps to host-physical {hpage:#x}, outside host RAM"))
