@@ -335,19 +335,9 @@ class _terminal:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self.saved)
 
 
-def _list_param(value: str) -> list:
-    """A list parameter: JSON (``[[4, 4096]]``) or comma-separated values (``4,5`` or ``32,pae``)."""
-    for text in (value, f"[{value}]"):
-        try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(parsed, list):
-            return parsed
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def _params(pairs: list[str], defaults: dict) -> dict:
+    from hvm.params import typed_value
+
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -355,19 +345,7 @@ def _params(pairs: list[str], defaults: dict) -> dict:
             raise HvmError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(defaults)}")
         default = defaults[key]
         try:
-            if isinstance(default, bool):
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError(value)
-                out[key] = value.lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, list):
-                items = _list_param(value)
-                kinds = {type(v) for v in default}
-                if len(kinds) == 1 and kinds <= {int, float}:  # typed like the default's numbers
-                    kind = kinds.pop()
-                    items = [kind(v) for v in items]
-                out[key] = items
-            else:
-                out[key] = type(default)(value)
+            out[key] = typed_value(value, default)
         except ValueError:
             raise HvmError(f"--set {pair!r}: {value!r} is not a {type(default).__name__}") from None
     return out

@@ -7,6 +7,7 @@ from typing import Any
 
 from hvm.engine.base import Engine
 from hvm.errors import EngineUnavailable
+from hvm.params import typed_value
 from hvm.vmm.memory import GuestMemory
 
 ENGINES = ("kvm", "model", "trap")
@@ -66,8 +67,9 @@ def _options_of(cls: type) -> dict[str, Any]:
 
 def engine_options(name: str) -> dict[str, Any]:
     """The options of engine ``name`` a command line can give (string, number or flag), with defaults."""
-    params = inspect.signature(_engine_class(name)).parameters
-    return {k: v for k, v in _options_of(_engine_class(name)).items()
+    cls = _engine_class(name)
+    params = inspect.signature(cls).parameters
+    return {k: v for k, v in _options_of(cls).items()
             if isinstance(v, (str, int, float)) or (v is None and params[k].annotation == "str | None")}
 
 
@@ -81,13 +83,10 @@ def parse_engine_options(name: str, pairs: list[str]) -> dict[str, Any]:
             known = ", ".join(accepted) or "none"
             raise EngineUnavailable(f"--engine-option {pair!r}: expected KEY=VALUE, KEY one of: {known}")
         default = accepted[key]
-        kind = type(default) if isinstance(default, (bool, int, float)) else str  # None: a str option
         try:
-            if kind is bool and value.lower() not in ("1", "0", "on", "off", "yes", "no", "true", "false"):
-                raise ValueError(value)
-            out[key] = (value.lower() in ("1", "on", "yes", "true")) if kind is bool else kind(value)
+            out[key] = typed_value(value, default)
         except ValueError:
-            why = f"{value!r} is not of type {kind.__name__}"
+            why = f"{value!r} is not of type {type(default).__name__}"
             raise EngineUnavailable(f"--engine-option {pair!r}: {why}") from None
     return out
 
